@@ -1,0 +1,108 @@
+"""Classifiers (each returns `(logits, features)`) and the MetaLabelNet soft-label generator.
+
+MetaLabelNet only needs a classifier whose `__call__(x, train)` returns logits and the penultimate
+features; any Flax Linen module with that contract works with `meta_step`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# PyTorch's defaults, which the reference implementation relies on: convolutions get Kaiming-normal
+# (fan_out, ReLU gain) kernels; linear layers and all biases are uniform in ±1/sqrt(fan_in).
+_kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+_torch_linear_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
+  bound = 1.0 / fan_in**0.5
+
+  def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def _batch_norm(train: bool) -> nn.BatchNorm:
+  # PyTorch's BatchNorm: momentum 0.1 on the running statistics (0.9 in Flax's convention), eps 1e-5.
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+
+
+def _conv(features: int, in_channels: int) -> nn.Conv:
+  return nn.Conv(features, (3, 3), padding=1, kernel_init=_kaiming_normal_fan_out,
+                 bias_init=_torch_bias_init(in_channels * 9))
+
+
+def _dense(features: int, in_features: int) -> nn.Dense:
+  return nn.Dense(features, kernel_init=_torch_linear_kernel, bias_init=_torch_bias_init(in_features))
+
+
+class ConvBNClassifier(nn.Module):
+  """VGG-style CNN: blocks of 3x3 conv+BN+ReLU, 2x2 max-pool after each block, FC+BN+ReLU features, FC.
+
+  `CifarCNN` is the paper's 8-layer CIFAR-10 network: blocks (64, 64), (128, 128), (196, 196),
+  FC 3136 -> 256 -> 10.
+  """
+  num_classes: int
+  blocks: Sequence[Sequence[int]] = ((64, 64), (128, 128), (196, 196))
+  feature_dim: int = 256
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+    for block in self.blocks:
+      for width in block:
+        x = _conv(width, x.shape[-1])(x)
+        x = nn.relu(_batch_norm(train)(x))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    x = _dense(self.feature_dim, x.shape[-1])(x)
+    features = nn.relu(_batch_norm(train)(x))
+    logits = _dense(self.num_classes, self.feature_dim)(features)
+    return logits, features
+
+
+CifarCNN = functools.partial(ConvBNClassifier, blocks=((64, 64), (128, 128), (196, 196)), feature_dim=256)
+
+
+class MLPClassifier(nn.Module):
+  """A BatchNorm-free multilayer perceptron on flattened images (a second architecture for tests)."""
+  num_classes: int
+  hidden: Sequence[int] = (64, 32)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+    del train  # No BatchNorm or dropout: training and inference are the same function.
+    x = x.reshape((x.shape[0], -1))
+    for width in self.hidden:
+      x = nn.relu(_dense(width, x.shape[-1])(x))
+    return _dense(self.num_classes, x.shape[-1])(x), x
+
+
+class MetaLabelNet(nn.Module):
+  """The soft-label generator: one linear layer on extractor features; returns soft-label logits.
+
+  The soft labels are `softmax` of the output (SPEC: `ŷ = softmax(W e + b)`); logits are returned so that
+  `log ŷ` can be taken stably with `log_softmax`.
+  """
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, features: jax.Array) -> jax.Array:
+    return _dense(self.num_classes, features.shape[-1])(features)
+
+
+def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+  """Builds a classifier by name: 'cifar_cnn' (the paper's), 'conv_bn' (configurable blocks) or 'mlp'."""
+  if name == "cifar_cnn":
+    return CifarCNN(num_classes=num_classes, **kwargs)
+  if name == "conv_bn":
+    return ConvBNClassifier(num_classes=num_classes, **kwargs)
+  if name == "mlp":
+    return MLPClassifier(num_classes=num_classes, **kwargs)
+  raise ValueError(f"Unknown model {name!r}: choose one of 'cifar_cnn', 'conv_bn', 'mlp' "
+                   "(--config.model.name=...).")

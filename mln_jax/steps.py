@@ -1,0 +1,166 @@
+"""Pure training and evaluation steps: `(state, batch, ...) -> (state, metrics)`.
+
+Batches are dicts: `image` (float, normalised, NHWC) and `label` (int; −1 marks an unlabelled sample).
+All functions are jittable; `meta_step` is SPEC's phase-2 steps 1–7.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mln_jax import losses
+from mln_jax.train_state import TrainState
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def _forward_train(state: TrainState, params: Any, images: jax.Array
+                   ) -> tuple[jax.Array, Any]:
+  """Classifier logits in training mode (BatchNorm batch statistics) and the updated running stats."""
+  (logits, _), mutated = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, images,
+                                        train=True, mutable=["batch_stats"])
+  return logits, mutated.get("batch_stats", {})
+
+
+def _labelled_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Accuracy of argmax(logits) over the samples with a label (label >= 0); 0 where there are none."""
+  labelled = labels >= 0
+  hits = (jnp.argmax(logits, -1) == labels) & labelled
+  return hits.sum() / jnp.maximum(labelled.sum(), 1)
+
+
+def warmup_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+  """Phase 1: one SGD step of cross-entropy on the (noisy) labels."""
+  def loss_fn(params):
+    logits, batch_stats = _forward_train(state, params, batch["image"])
+    return losses.cross_entropy(logits, batch["label"]), (logits, batch_stats)
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            batch_stats=batch_stats, opt_state=opt_state)
+  return new_state, {"loss": loss, "accuracy": _labelled_accuracy(logits, batch["label"])}
+
+
+def soft_label_logits(state: TrainState, mln_params: Any, images: jax.Array) -> jax.Array:
+  """MetaLabelNet's logits for a batch: SLP on the frozen extractor's features (inference mode)."""
+  _, features = state.apply_fn(state.extractor_variables, images, train=False)
+  return state.mln_apply_fn({"params": mln_params}, jax.lax.stop_gradient(features))
+
+
+def _inner_update(state: TrainState, images: jax.Array, log_soft_labels: jax.Array) -> Any:
+  """SPEC step 3: θ' = θ − α ∇_θ L_c(θ, ŷ), one optax SGD update (differentiable in ŷ)."""
+  def classification_loss(params):
+    logits, _ = _forward_train(state, params, images)
+    return losses.soft_label_kl(logits, log_soft_labels)
+
+  grads = jax.grad(classification_loss)(state.params)
+  inner_tx = optax.sgd(state.inner_lr)
+  updates, _ = inner_tx.update(grads, inner_tx.init(state.params), state.params)
+  return optax.apply_updates(state.params, updates)
+
+
+def _meta_loss(state: TrainState, params: Any, meta_batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """SPEC step 4: cross-entropy on the clean meta batch (BatchNorm in training mode, stats discarded)."""
+  logits, _ = _forward_train(state, params, meta_batch["image"])
+  return losses.cross_entropy(logits, meta_batch["label"]), logits
+
+
+def meta_gradient_autodiff(state: TrainState, images: jax.Array, meta_batch: Batch, feature_logits_fn
+                           ) -> tuple[jax.Array, Any, jax.Array]:
+  """∇_φ L_meta by `jax.grad` through the inner optax update (second order)."""
+  def meta_objective(mln_params):
+    log_soft_labels = jax.nn.log_softmax(feature_logits_fn(mln_params))
+    fast_params = _inner_update(state, images, log_soft_labels)
+    return _meta_loss(state, fast_params, meta_batch)
+
+  (meta_loss, meta_logits), grads = jax.value_and_grad(meta_objective, has_aux=True)(
+      state.mln_params)
+  return meta_loss, grads, meta_logits
+
+
+def meta_gradient_jvp(state: TrainState, images: jax.Array, meta_batch: Batch, feature_logits_fn
+                      ) -> tuple[jax.Array, Any, jax.Array]:
+  """The same gradient by SPEC's closed form, valid for a plain SGD inner step:
+
+  ∂L_meta/∂ŷ_ic = α/(B·C) · [J_p(θ) g]_ic / ŷ_ic with g = ∇_θ' L_meta(θ'), followed by one backward
+  pass through MetaLabelNet. One JVP through the classifier replaces the backward-of-a-backward.
+  """
+  mln_logits, mln_vjp = jax.vjp(feature_logits_fn, state.mln_params)
+  log_soft_labels = jax.nn.log_softmax(mln_logits)
+  fast_params = _inner_update(state, images, log_soft_labels)
+  (meta_loss, meta_logits), g = jax.value_and_grad(
+      lambda p: _meta_loss(state, p, meta_batch), has_aux=True)(fast_params)
+
+  probabilities = lambda params: jax.nn.softmax(_forward_train(state, params, images)[0])
+  _, jvp_p = jax.jvp(probabilities, (state.params,), (g,))
+  soft_labels = jnp.exp(log_soft_labels)
+  grad_soft_labels = state.inner_lr / soft_labels.size * jvp_p / soft_labels
+  # Chain through ŷ = softmax(logits): ∂L/∂logits = ŷ ⊙ (∂L/∂ŷ − Σ_c ŷ_c ∂L/∂ŷ_c).
+  grad_logits = soft_labels * (
+      grad_soft_labels - jnp.sum(soft_labels * grad_soft_labels, -1, keepdims=True))
+  (grads,) = mln_vjp(grad_logits)
+  return meta_loss, grads, meta_logits
+
+
+_META_GRADIENT_FNS = {"autodiff": meta_gradient_autodiff, "jvp": meta_gradient_jvp}
+
+
+def meta_step(state: TrainState, batch: Batch, meta_batch: Batch) -> tuple[TrainState, Metrics]:
+  """Phase 2, SPEC steps 1–7, for one training batch (labels unused) and one clean meta batch.
+
+  1. ŷ = MLN(e(x)); 2–4. L_meta(θ − α∇_θ L_c(θ, ŷ)); 5. Adam step on φ with ∇_φ L_meta (second order);
+  6. ŷ' = MLN_new(e(x)); 7. SGD step on θ with L_c(θ, ŷ') + L_e(θ).
+  """
+  images = batch["image"]
+  feature_logits_fn = lambda mln_params: soft_label_logits(state, mln_params, images)
+
+  meta_loss, mln_grads, meta_logits = _META_GRADIENT_FNS[state.meta_gradient](
+      state, images, meta_batch, feature_logits_fn)
+  mln_updates, mln_opt_state = state.mln_tx.update(mln_grads, state.mln_opt_state, state.mln_params)
+  mln_params = optax.apply_updates(state.mln_params, mln_updates)
+
+  new_soft_logits = jax.lax.stop_gradient(feature_logits_fn(mln_params))
+  log_soft_labels = jax.nn.log_softmax(new_soft_logits)
+
+  def train_loss(params):
+    logits, batch_stats = _forward_train(state, params, images)
+    classification = losses.soft_label_kl(logits, log_soft_labels)
+    entropy = losses.entropy(logits)
+    return classification + entropy, (logits, batch_stats, classification, entropy)
+
+  (loss, (logits, batch_stats, classification, entropy)), grads = jax.value_and_grad(
+      train_loss, has_aux=True)(state.params)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(
+      step=state.step + 1, params=optax.apply_updates(state.params, updates),
+      batch_stats=batch_stats, opt_state=opt_state, mln_params=mln_params,
+      mln_opt_state=mln_opt_state)
+  soft_argmax = jnp.argmax(new_soft_logits, -1)
+  metrics = {
+      "loss": loss,
+      "classification_loss": classification,
+      "entropy_loss": entropy,
+      "meta_loss": meta_loss,
+      "meta_batch_accuracy": _labelled_accuracy(meta_logits, meta_batch["label"]),
+      # How often the generated label's argmax keeps the given (noisy) label, over labelled samples.
+      "soft_label_agreement": _labelled_accuracy(new_soft_logits, batch["label"]),
+      "accuracy_vs_soft_labels": jnp.mean(jnp.argmax(logits, -1) == soft_argmax),
+  }
+  return new_state, metrics
+
+
+def predict(state: TrainState, images: jax.Array) -> jax.Array:
+  """Classifier logits in inference mode (BatchNorm running statistics)."""
+  logits, _ = state.apply_fn(state.variables, images, train=False)
+  return logits
+
+
+def predict_soft_labels(state: TrainState, images: jax.Array) -> jax.Array:
+  """MetaLabelNet's soft labels ŷ for a batch of normalised images (needs a frozen extractor)."""
+  return jax.nn.softmax(soft_label_logits(state, state.mln_params, images))

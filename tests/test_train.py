@@ -1,0 +1,229 @@
+"""The training loop end to end: CLI, results, resume after a kill, and every bad-input error."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mln_jax import config as config_lib, train
+
+TESTS = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+import tiny_config  # noqa: E402
+
+
+def tiny(**overrides):
+  config = tiny_config.get_config()
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
+def test_cli_runs_both_methods_and_writes_results(tmp_path):
+  workdir = tmp_path / "run"
+  completed = subprocess.run(
+      [sys.executable, "-m", "mln_jax.main", f"--config={TESTS / 'tiny_config.py'}",
+       f"--workdir={workdir}", "--config.method=both", "--config.num_epochs=3",
+       "--config.warmup_epochs=1"],
+      capture_output=True, text=True, cwd=TESTS.parent, timeout=600,
+      env={**os.environ, "XLA_FLAGS": ""})
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  assert "cross_entropy" in completed.stdout and "metalabelnet" in completed.stdout
+  assert "img/s" in completed.stderr  # the per-epoch progress line
+  comparison = json.loads((workdir / "comparison.json").read_text())
+  assert 0.0 <= comparison["realised_noise_rate"] <= 0.41
+  for method in ("cross_entropy", "metalabelnet"):
+    results = json.loads((workdir / method / "results.json").read_text())
+    assert results["method"] == method
+    assert [h["epoch"] for h in results["history"]] == [0, 1, 2]
+    assert results["last"]["test_accuracy"] == results["history"][-1]["test_accuracy"]
+    assert comparison[method]["best_test_accuracy"] == results["best"]["test_accuracy"]
+    assert results["device"] and results["wall_time_s"] > 0
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir / method))
+    saved_config = json.loads((workdir / method / "config.json").read_text())
+    assert saved_config["num_epochs"] == 3
+  mln = json.loads((workdir / "metalabelnet" / "results.json").read_text())
+  assert [h["phase"] for h in mln["history"]] == ["warm-up", "metalabelnet", "metalabelnet"]
+  assert mln["best"]["epoch"] >= 1  # model selection over phase-2 epochs only
+  assert "train/meta_loss" in mln["history"][-1]
+
+
+def test_metalabelnet_learns_on_digits(tmp_path):
+  results = train.run(tiny(), str(tmp_path))
+  assert results["last"]["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
+  labels = np.load(tmp_path / "labels.npz")
+  assert np.mean(labels["noisy"] != labels["clean"]) == pytest.approx(
+      results["noise"]["realised_rate"])
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+  config = tiny()
+  uninterrupted = train.train_and_evaluate(config, str(tmp_path / "a"))
+
+  real_check = train._check_finite
+  def killed_in_epoch_3(metrics, epoch, phase):
+    if epoch == 3:
+      raise KeyboardInterrupt("simulated kill")
+    real_check(metrics, epoch, phase)
+  monkeypatch.setattr(train, "_check_finite", killed_in_epoch_3)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path / "b"))
+  assert not (tmp_path / "b" / "results.json").exists()
+  monkeypatch.setattr(train, "_check_finite", real_check)
+  resumed = train.train_and_evaluate(config, str(tmp_path / "b"))
+
+  strip = lambda history: [{k: v for k, v in h.items() if not k.endswith("_s")} for h in history]
+  assert strip(resumed["history"]) == strip(uninterrupted["history"])
+  assert resumed["best"] == uninterrupted["best"]
+  restore = lambda d: ocp.CheckpointManager(os.path.abspath(d / "checkpoints")).restore(
+      4, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+  final_a, final_b = restore(tmp_path / "a"), restore(tmp_path / "b")
+  assert len(jax.tree.leaves(final_a)) > 10
+  for a, b in zip(jax.tree.leaves(final_a), jax.tree.leaves(final_b)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_clean_model_probabilities_are_cross_fitted_and_informative():
+  config = tiny(**{"noise.kind": "feature_dependent", "noise.probabilities": "clean_model",
+                   "noise.teacher_epochs": 3})
+  dataset = train.data_lib.load_dataset(config.data)
+  probabilities = train.noise_probabilities(config, dataset)
+  assert probabilities.shape == (len(dataset.train_labels), 10)
+  np.testing.assert_allclose(probabilities.sum(1), 1.0, rtol=1e-5)
+  # Held-out predictions of a CNN on digits are far better than chance, but not memorised.
+  held_out_accuracy = np.mean(probabilities.argmax(1) == dataset.train_labels)
+  assert 0.5 < held_out_accuracy < 1.0
+
+
+# --- Bad input: each stops with a message naming the problem and the fix; no results are written.
+
+def test_unknown_config_key_is_rejected(tmp_path):
+  config = tiny()
+  config.unlock()
+  config.data.num_metas = 10
+  with pytest.raises(ValueError, match="Unknown config key 'data.num_metas'"):
+    train.run(config, str(tmp_path))
+  completed = subprocess.run(
+      [sys.executable, "-m", "mln_jax.main", f"--config={TESTS / 'tiny_config.py'}",
+       f"--workdir={tmp_path}", "--config.noise.rat=0.2"],
+      capture_output=True, text=True, cwd=TESTS.parent, timeout=300)
+  assert completed.returncode != 0
+  # ml_collections names the unknown key and suggests the right one.
+  assert 'Did you mean "rate" instead of "rat"' in completed.stderr
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    ({"noise.kind": "gaussian"}, ValueError, "noise.kind='gaussian'"),
+    ({"noise.rate": 1.5}, ValueError, r"noise.rate=1.5"),
+    ({"method": "mixup"}, ValueError, "config.method='mixup'"),
+    ({"warmup_epochs": 9}, ValueError, "warmup_epochs=9"),
+    ({"warmup_epochs": 4}, ValueError, "warmup_epochs=4"),
+    ({"batch_size": 5000}, ValueError, "batch_size=5000 is larger than the data"),
+    ({"batch_size": 30}, ValueError, "divisible by the number of devices"),
+    ({"data.name": "cifar10", "data.data_dir": ""}, FileNotFoundError, "data_dir"),
+    ({"data.name": "cifar10", "data.data_dir": "/nonexistent/cifar"}, FileNotFoundError,
+     "/nonexistent/cifar"),
+])
+def test_bad_config_values_stop_with_a_clear_message(tmp_path, overrides, error, message):
+  with pytest.raises(error, match=message):
+    train.run(tiny(**overrides), str(tmp_path))
+  assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("labels, message", [
+    (np.zeros(10, np.int64), "10 noisy labels for a training set of 1497 samples"),
+    (np.full(1497, 12), "12"),
+])
+def test_bad_noisy_label_file_is_rejected(tmp_path, labels, message):
+  path = tmp_path / "noisy.npy"
+  np.save(path, labels)
+  config = tiny(**{"noise.kind": "given", "noise.labels_path": str(path)})
+  with pytest.raises(ValueError, match=message):
+    train.run(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_given_noisy_labels_are_used(tmp_path):
+  dataset = train.data_lib.load_digits_dataset(300, 0)
+  assert len(dataset.train_labels) == 1497
+  noisy = (dataset.train_labels + 1) % 10
+  noisy[::2] = dataset.train_labels[::2]
+  path = tmp_path / "noisy.txt"
+  np.savetxt(path, noisy, fmt="%d")
+  config = tiny(**{"noise.kind": "given", "noise.labels_path": str(path), "num_epochs": 2,
+                   "method": "cross_entropy"})
+  results = train.run(config, str(tmp_path / "run"))
+  assert results["noise"]["realised_rate"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_diverging_loss_stops_without_results(tmp_path):
+  config = tiny(**{"optim.learning_rate": 1e6})
+  with pytest.raises(FloatingPointError, match="Non-finite .* training diverged"):
+    train.run(config, str(tmp_path))
+  assert not (tmp_path / "results.json").exists()
+
+
+def test_workdir_of_another_config_is_not_resumed(tmp_path):
+  train.run(tiny(**{"num_epochs": 2, "warmup_epochs": 1}), str(tmp_path))
+  with pytest.raises(ValueError, match="different config .*noise"):
+    train.run(tiny(**{"num_epochs": 2, "warmup_epochs": 1, "noise.rate": 0.2}), str(tmp_path))
+
+
+def test_config_schema_and_schedule():
+  config = config_lib.default_config()
+  config_lib.validate_config(config)
+  rates = [config_lib.learning_rate_at(config, e) for e in (0, 40, 41, 80, 81, 119)]
+  np.testing.assert_allclose(rates, [1e-2, 1e-2, 1e-3, 1e-3, 1e-4, 1e-4])
+
+
+@pytest.mark.integration
+def test_cifar10_pack_trains_a_few_steps(tmp_path, cifar10_pack):
+  config = config_lib.default_config()
+  config.data.data_dir = str(cifar10_pack)
+  config.num_epochs, config.warmup_epochs = 2, 1
+  full = train.prepare_data(config)
+  assert full.realised_noise_rate == pytest.approx(0.4)
+  assert full.train_images.shape == (50000, 32, 32, 3) and len(full.meta_labels) == 5000
+  small = train.RunData(
+      name=full.name, train_images=full.train_images[:512], train_labels=full.train_labels[:512],
+      clean_train_labels=full.clean_train_labels[:512], meta_images=full.meta_images[:256],
+      meta_labels=full.meta_labels[:256], test_images=full.test_images[:256],
+      test_labels=full.test_labels[:256], num_classes=10,
+      realised_noise_rate=full.realised_noise_rate)
+  results = train.train_and_evaluate(config, str(tmp_path), run_data=small)
+  assert [h["phase"] for h in results["history"]] == ["warm-up", "metalabelnet"]
+  assert all(np.isfinite(h["train/loss"]) for h in results["history"])
+  assert 0.0 <= results["last"]["test_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("kind", ["cross_entropy", "metalabelnet"])
+def test_scanned_epoch_equals_host_loop_epoch(kind):
+  """The accelerator path (one lax.scan) and the CPU path (a jitted call per step) agree."""
+  results = {}
+  for loop in ("scan", "host"):
+    config = tiny(epoch_loop=loop)
+    run_data = train.prepare_data(config)
+    mesh = train.make_mesh()
+    state = train.new_state(config, train.build_model(config, 10), (8, 8, 1), 10,
+                            jax.random.PRNGKey(0))
+    data = (run_data.train_images, run_data.train_labels,
+            np.arange(len(run_data.train_labels), dtype=np.int32))
+    if kind == "metalabelnet":
+      data += (run_data.meta_images, run_data.meta_labels)
+    results[loop] = train.make_train_epoch(config, mesh, kind)(state, *data,
+                                                               jax.random.PRNGKey(3))
+  (scan_state, scan_metrics), (host_state, host_metrics) = results["scan"], results["host"]
+  assert scan_metrics["loss"].shape == host_metrics["loss"].shape == (1497 // 32,)
+  np.testing.assert_allclose(scan_metrics["loss"], host_metrics["loss"], rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(scan_state), jax.tree.leaves(host_state)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)

@@ -1,0 +1,26 @@
+"""A seconds-long config for tests: digits, a one-block CNN, 4 epochs (2 warm-up), uniform noise."""
+
+from mln_jax.config import default_config
+
+
+def get_config():
+  config = default_config()
+  config.method = "metalabelnet"
+  config.data.name = "digits"
+  config.data.num_heldout = 300
+  config.data.num_meta = 100
+  config.noise.kind = "uniform"
+  config.noise.rate = 0.4
+  config.model.name = "conv_bn"
+  config.model.blocks = ((8,),)
+  config.model.feature_dim = 16
+  config.augment.pad = 1
+  config.augment.hflip = False
+  config.augment.vflip = False
+  config.batch_size = 32
+  config.eval_batch_size = 128
+  config.num_epochs = 4
+  config.warmup_epochs = 2
+  config.optim.learning_rate = 0.05
+  config.optim.lr_boundaries = (3,)
+  return config
