@@ -76,6 +76,9 @@ def default_config() -> ml_collections.ConfigDict:
   # 'scan': an epoch is one jitted lax.scan (fast on GPU/TPU); 'host': one jitted call per step (fast
   # on CPU, where XLA's convolutions are slow inside loops); 'auto': 'host' on CPU, else 'scan'.
   config.epoch_loop = "auto"
+  # Precision of float32 matmuls and convolutions (jax.default_matmul_precision): 'default' lets
+  # GPUs use TF32 (as PyTorch's cuDNN convolutions do by default); 'highest' is full float32.
+  config.matmul_precision = "default"
   return config
 
 
@@ -117,6 +120,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
            f"config.mln.meta_gradient={config.mln.meta_gradient!r}: choose 'autodiff' or 'jvp'.")
   _require(config.epoch_loop in ("auto", "scan", "host"),
            f"config.epoch_loop={config.epoch_loop!r}: choose 'auto', 'scan' or 'host'.")
+  _require(config.matmul_precision in ("default", "high", "highest"),
+           f"config.matmul_precision={config.matmul_precision!r}: choose 'default', 'high' or "
+           "'highest'.")
   _require(config.checkpoint_every_epochs > 0,
            f"config.checkpoint_every_epochs={config.checkpoint_every_epochs} must be positive.")
   _require(list(config.optim.lr_boundaries) == sorted(config.optim.lr_boundaries),

@@ -99,11 +99,10 @@ def meta_gradient_jvp(state: TrainState, images: jax.Array, meta_batch: Batch, f
 
   probabilities = lambda params: jax.nn.softmax(_forward_train(state, params, images)[0])
   _, jvp_p = jax.jvp(probabilities, (state.params,), (g,))
-  soft_labels = jnp.exp(log_soft_labels)
-  grad_soft_labels = state.inner_lr / soft_labels.size * jvp_p / soft_labels
-  # Chain through ŷ = softmax(logits): ∂L/∂logits = ŷ ⊙ (∂L/∂ŷ − Σ_c ŷ_c ∂L/∂ŷ_c).
-  grad_logits = soft_labels * (
-      grad_soft_labels - jnp.sum(soft_labels * grad_soft_labels, -1, keepdims=True))
+  # Chain through ŷ = softmax(logits): ∂L/∂logits = ŷ ⊙ (∂L/∂ŷ − Σ_c ŷ_c ∂L/∂ŷ_c). With
+  # ∂L/∂ŷ = a/ŷ the ŷ cancels: ∂L/∂logits = a − ŷ Σ_c a_c, finite even where ŷ underflows to 0.
+  scaled_jvp = state.inner_lr / jvp_p.size * jvp_p
+  grad_logits = scaled_jvp - jnp.exp(log_soft_labels) * scaled_jvp.sum(-1, keepdims=True)
   (grads,) = mln_vjp(grad_logits)
   return meta_loss, grads, meta_logits
 

@@ -258,7 +258,7 @@ def clean_model_probabilities(config: ml_collections.ConfigDict, dataset: data_l
                                      dataset.num_classes, key), replicated)
     indices = jax.device_put(trained_on, replicated)
     for epoch in range(config.noise.teacher_epochs):
-      state, _ = epoch_fn(state, images, labels, indices, jax.random.fold_in(key, epoch))
+      state, _ = epoch_fn(state, images, labels, indices, jax.random.fold_in(state.rng, epoch))
     probabilities[held_out] = np.asarray(predict(state, images[held_out]))
     logging.info("clean-model probabilities: fold %d trained on %d samples, held-out accuracy %.4f",
                  fold, len(trained_on), np.mean(probabilities[held_out].argmax(1)
@@ -287,6 +287,9 @@ def new_state(config: ml_collections.ConfigDict, model, image_shape: tuple[int, 
 
 
 def _git_commit() -> str:
+  """The code's commit: $MLN_JAX_COMMIT where the tree travels without .git (the GPU machine)."""
+  if os.environ.get("MLN_JAX_COMMIT"):
+    return os.environ["MLN_JAX_COMMIT"]
   try:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           cwd=os.path.dirname(__file__), check=True).stdout.strip()
@@ -320,10 +323,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        run_data: RunData | None = None) -> dict[str, Any]:
   """Runs one method ('metalabelnet' or 'cross_entropy'), resuming from `workdir` if it holds one.
 
-  Returns (and writes to `workdir/results.json`) the per-epoch history, the test accuracy at the
-  best meta accuracy and at the last epoch, the realised noise rate, wall time and device.
+  Returns (and writes to `workdir/results.json`) the per-epoch history (epochs counted from 1), the
+  test accuracy at the best meta accuracy and at the last epoch, the realised noise rate, wall time
+  and device.
   """
   config_lib.validate_config(config)
+  with jax.default_matmul_precision(config.matmul_precision):
+    return _train_and_evaluate(config, workdir, run_data)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        run_data: RunData | None) -> dict[str, Any]:
   if config.method not in ("metalabelnet", "cross_entropy"):
     raise ValueError(f"train_and_evaluate runs one method; got {config.method!r} (use run()).")
   os.makedirs(workdir, exist_ok=True)
@@ -354,9 +364,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   labelled, everything = put(run_data.labelled_indices), put(np.arange(len(labels), dtype=np.int32))
 
   model = build_model(config, run_data.num_classes)
-  base_key = jax.random.PRNGKey(config.seed)
   state = put(new_state(config, model, run_data.train_images.shape[1:], run_data.num_classes,
-                        base_key))
+                        jax.random.PRNGKey(config.seed)))
   cross_entropy_epoch = make_train_epoch(config, mesh, "cross_entropy")
   meta_epoch = make_train_epoch(config, mesh, "metalabelnet")
   predict = make_predict(mesh, config.eval_batch_size, steps.predict)
@@ -388,7 +397,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       state = freeze_extractor(state)
     lr = config_lib.learning_rate_at(config, epoch)
     state = state.replace(opt_state=set_learning_rate(state.opt_state, lr))
-    epoch_key = jax.random.fold_in(base_key, epoch)
+    epoch_key = jax.random.fold_in(state.rng, epoch)
 
     epoch_start = time.time()
     if phase2:
@@ -403,7 +412,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     meta_accuracy = accuracy(predict(state, meta_images), run_data.meta_labels)
     test_accuracy = accuracy(predict(state, test_images), run_data.test_labels)
-    record = {"epoch": epoch, "phase": phase, "learning_rate": lr,
+    record = {"epoch": epoch + 1, "phase": phase, "learning_rate": lr,
               **{f"train/{k}": float(v.mean()) for k, v in step_metrics.items()},
               "meta_accuracy": meta_accuracy, "test_accuracy": test_accuracy,
               "train_time_s": train_time, "epoch_time_s": time.time() - epoch_start,
@@ -413,7 +422,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # training (phase 2 for MetaLabelNet).
     if (phase2 or not metalabelnet) and (progress["best"] is None
                                          or meta_accuracy > progress["best"]["meta_accuracy"]):
-      progress["best"] = {"epoch": epoch, "meta_accuracy": meta_accuracy,
+      progress["best"] = {"epoch": epoch + 1, "meta_accuracy": meta_accuracy,
                           "test_accuracy": test_accuracy}
     progress["elapsed_s"] += time.time() - epoch_start
     writer.write_scalars(epoch + 1, {k: v for k, v in record.items()
@@ -442,11 +451,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "wall_time_s": time.time() - start_time,
       "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
       "jax_version": jax.__version__,
+      "matmul_precision": config.matmul_precision,
       "commit": _git_commit(),
   }
   _write_json_atomically(results_path, results)
   logging.info("%s done: test accuracy %.4f at the best meta epoch %d, %.4f at the last epoch.",
-               config.method, results["best"]["test_accuracy"], results["best"]["epoch"] + 1,
+               config.method, results["best"]["test_accuracy"], results["best"]["epoch"],
                results["last"]["test_accuracy"])
   return results
 
@@ -456,7 +466,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   config_lib.validate_config(config)
   if config.method != "both":
     return train_and_evaluate(config, workdir)
-  run_data = prepare_data(config)
+  with jax.default_matmul_precision(config.matmul_precision):
+    run_data = prepare_data(config)
   results = {}
   for method in ("cross_entropy", "metalabelnet"):
     method_config = config.copy_and_resolve_references()

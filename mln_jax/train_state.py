@@ -58,7 +58,7 @@ class TrainState:
   extractor_batch_stats: PyTree
   mln_params: PyTree
   mln_opt_state: optax.OptState
-  rng: jax.Array
+  rng: jax.Array                  # The data stream: epoch e shuffles and augments with fold_in(rng, e).
   apply_fn: Callable[..., Any] = flax.struct.field(pytree_node=False)
   mln_apply_fn: Callable[..., Any] = flax.struct.field(pytree_node=False)
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
@@ -92,6 +92,7 @@ def create_train_state(
   """Initialises classifier and MetaLabelNet; `input_shape` is one image's (H, W, C)."""
   if meta_gradient not in META_GRADIENTS:
     raise ValueError(f"Unknown meta_gradient {meta_gradient!r}: choose one of {META_GRADIENTS}.")
+  # Separate branches for the two initialisations and the data stream, so no key serves twice.
   init_rng, mln_rng, state_rng = jax.random.split(rng, 3)
   dummy = jnp.zeros((2, *input_shape), jnp.float32)
   variables = model.init(init_rng, dummy, train=False)

@@ -107,6 +107,20 @@ def test_jvp_and_autodiff_meta_gradients_agree(arch):
     np.testing.assert_allclose(a, j, rtol=1e-3, atol=1e-6 * float(jnp.abs(a).max()))
 
 
+def test_jvp_meta_gradient_stays_finite_when_soft_labels_underflow():
+  """Very peaked soft labels (ŷ_c = 0 in float32) must not turn the closed form into 0/0."""
+  state = make_state(tiny_models()["conv_bn"])
+  state = state.replace(mln_params=jax.tree.map(lambda p: 1000.0 * p, state.mln_params))
+  batch, meta_batch = make_batch(3), make_batch(4)
+  feature_fn = lambda phi: steps.soft_label_logits(state, phi, batch["image"])
+  assert float(jnp.min(jax.nn.softmax(feature_fn(state.mln_params)))) == 0.0
+  _, grads_a, _ = steps.meta_gradient_autodiff(state, batch["image"], meta_batch, feature_fn)
+  _, grads_j, _ = steps.meta_gradient_jvp(state, batch["image"], meta_batch, feature_fn)
+  for a, j in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_j)):
+    assert np.all(np.isfinite(j))
+    np.testing.assert_allclose(a, j, rtol=1e-3, atol=1e-6 * float(jnp.abs(a).max()))
+
+
 @pytest.mark.parametrize("arch", ["conv_bn", "mlp"])
 def test_meta_step_updates_classifier_and_metalabelnet(arch):
   state = make_state(tiny_models()[arch])

@@ -45,16 +45,17 @@ def test_cli_runs_both_methods_and_writes_results(tmp_path):
   for method in ("cross_entropy", "metalabelnet"):
     results = json.loads((workdir / method / "results.json").read_text())
     assert results["method"] == method
-    assert [h["epoch"] for h in results["history"]] == [0, 1, 2]
+    assert [h["epoch"] for h in results["history"]] == [1, 2, 3]  # counted from 1, as the log
     assert results["last"]["test_accuracy"] == results["history"][-1]["test_accuracy"]
     assert comparison[method]["best_test_accuracy"] == results["best"]["test_accuracy"]
     assert results["device"] and results["wall_time_s"] > 0
+    assert results["matmul_precision"] == "default"
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir / method))
     saved_config = json.loads((workdir / method / "config.json").read_text())
     assert saved_config["num_epochs"] == 3
   mln = json.loads((workdir / "metalabelnet" / "results.json").read_text())
   assert [h["phase"] for h in mln["history"]] == ["warm-up", "metalabelnet", "metalabelnet"]
-  assert mln["best"]["epoch"] >= 1  # model selection over phase-2 epochs only
+  assert mln["best"]["epoch"] >= 2  # model selection over phase-2 epochs only
   assert "train/meta_loss" in mln["history"][-1]
 
 

@@ -1,0 +1,158 @@
+"""Benchmark on the current device: step throughput with device-resident data, compile time, peak memory,
+and (with the CIFAR-10 pack) end-to-end epoch times including evaluation.
+
+  python -m mln_jax.bench --out=/tmp/bench.json [--data_dir=../shared/data/cifar10]
+
+Throughput is measured on whole epochs of the training loop (`train.make_train_epoch`) over synthetic
+CIFAR-shaped uint8 data already on the device, after a first (compiling) call; the reported figure is
+the median of `--repeats` timed epochs. Speed targets (issue 3, one H100, batch 128) are printed beside
+the numbers; they are not asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+import tempfile
+import time
+from typing import Any, Sequence
+
+from absl import app, flags, logging
+import jax
+import ml_collections
+import numpy as np
+
+from mln_jax import config as config_lib, train
+from mln_jax.train_state import freeze_extractor
+
+TARGETS = {  # images/s or seconds, one H100, batch 128, float32 (issue 3)
+    "meta_step_images_per_s": 40_000,
+    "warmup_step_images_per_s": 120_000,
+    "full_protocol_wall_s": 120,
+}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("batch_sizes", ["128", "512"], "Batch sizes to measure.")
+flags.DEFINE_integer("steps", 100, "Steps per timed epoch.")
+flags.DEFINE_integer("repeats", 3, "Timed epochs per measurement (median reported).")
+flags.DEFINE_list("meta_gradients", ["autodiff", "jvp"], "Meta-gradient methods to measure.")
+flags.DEFINE_string("model", "cifar_cnn", "Model name (config.model.name).")
+flags.DEFINE_string("data_dir", "", "CIFAR-10 pack: also time end-to-end epochs with evaluation.")
+flags.DEFINE_string("out", "", "Write the results as JSON here.")
+
+
+def _peak_memory_bytes() -> int | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+def measure_epoch(config: ml_collections.ConfigDict, kind: str, steps: int, repeats: int
+                  ) -> dict[str, float]:
+  """Images/s of whole training epochs of `kind` over device-resident synthetic data."""
+  mesh = train.make_mesh()
+  rng = np.random.default_rng(0)
+  num = steps * config.batch_size
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  put = lambda x: jax.device_put(x, replicated)
+  images = put(rng.integers(0, 256, (num, 32, 32, 3), dtype=np.uint8))
+  labels = put(rng.integers(0, 10, num).astype(np.int32))
+  data = (images, labels, put(np.arange(num, dtype=np.int32)))
+  if kind == "metalabelnet":
+    data += (images[:max(config.batch_size, 1000)], labels[:max(config.batch_size, 1000)])
+  state = train.new_state(config, train.build_model(config, 10), (32, 32, 3), 10,
+                          jax.random.PRNGKey(0))
+  state = put(freeze_extractor(state))
+  epoch = train.make_train_epoch(config, mesh, kind)
+
+  start = time.perf_counter()
+  state, metrics = epoch(state, *data, jax.random.PRNGKey(1))
+  jax.block_until_ready(metrics)
+  first = time.perf_counter() - start
+  times = []
+  for repeat in range(repeats):
+    start = time.perf_counter()
+    state, metrics = epoch(state, *data, jax.random.PRNGKey(2 + repeat))
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  steady = statistics.median(times)
+  return {"images_per_s": num / steady, "epoch_s": steady,
+          "compile_and_first_epoch_overhead_s": max(first - steady, 0.0)}
+
+
+def measure_cifar10_epochs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """End-to-end phase-1 and phase-2 epoch times (training + evaluation) on the real pack, and the
+  protocol's wall time projected from them (data loading and noise generation not included)."""
+  short = config.copy_and_resolve_references()
+  short.num_epochs, short.warmup_epochs = 4, 2
+  with tempfile.TemporaryDirectory() as workdir:
+    history = train.train_and_evaluate(short, workdir)["history"]
+  # Epochs 0 and 2 include compilation; 1 and 3 are steady state.
+  phase1, phase2 = history[1]["epoch_time_s"], history[3]["epoch_time_s"]
+  compile_s = (history[0]["epoch_time_s"] - phase1) + (history[2]["epoch_time_s"] - phase2)
+  phase2_epochs = config.num_epochs - config.warmup_epochs
+  return {"phase1_epoch_s": phase1, "phase2_epoch_s": phase2, "compile_s": compile_s,
+          "projected_protocol_s": config.warmup_epochs * phase1 + phase2_epochs * phase2 + compile_s}
+
+
+def run_benchmark(batch_sizes: Sequence[int], steps: int, repeats: int,
+                  meta_gradients: Sequence[str], model: str = "cifar_cnn", data_dir: str = ""
+                  ) -> dict[str, Any]:
+  base = config_lib.default_config()
+  base.model.name = model
+  report: dict[str, Any] = {
+      "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
+      "backend": jax.default_backend(), "jax_version": jax.__version__,
+      "commit": train._git_commit(), "date": datetime.date.today().isoformat(),
+      "steps_per_epoch": steps, "targets_h100_batch128": TARGETS, "measurements": [],
+      "concurrent_runs": "not implemented yet (issue 3, item 5)",
+  }
+  for batch_size in batch_sizes:
+    config = base.copy_and_resolve_references()
+    config.batch_size = batch_size
+    row = {"kind": "warmup", "batch_size": batch_size,
+           **measure_epoch(config, "cross_entropy", steps, repeats)}
+    report["measurements"].append(row)
+    logging.info("%s", row)
+    for method in meta_gradients:
+      config.mln.meta_gradient = method
+      row = {"kind": f"meta/{method}", "batch_size": batch_size,
+             **measure_epoch(config, "metalabelnet", steps, repeats)}
+      report["measurements"].append(row)
+      logging.info("%s", row)
+  report["peak_memory_bytes"] = _peak_memory_bytes()
+  if data_dir:
+    config = base.copy_and_resolve_references()
+    config.data.data_dir = data_dir
+    report["cifar10_epochs"] = measure_cifar10_epochs(config)
+  return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+  lines = [f"{report['device']} ({report['backend']}), JAX {report['jax_version']}, "
+           f"commit {report['commit']}",
+           f"{'step':<16}{'batch':>6}{'images/s':>12}{'epoch s':>10}{'compile s':>11}"]
+  for row in report["measurements"]:
+    lines.append(f"{row['kind']:<16}{row['batch_size']:>6}{row['images_per_s']:>12.0f}"
+                 f"{row['epoch_s']:>10.3f}{row['compile_and_first_epoch_overhead_s']:>11.2f}")
+  lines.append(f"targets (H100, batch 128): meta step >= "
+               f"{TARGETS['meta_step_images_per_s']} images/s, warm-up step >= "
+               f"{TARGETS['warmup_step_images_per_s']} images/s, protocol <= "
+               f"{TARGETS['full_protocol_wall_s']} s")
+  if "cifar10_epochs" in report:
+    lines.append(f"CIFAR-10 epochs with evaluation: {report['cifar10_epochs']}")
+  return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  report = run_benchmark([int(b) for b in FLAGS.batch_sizes], FLAGS.steps, FLAGS.repeats,
+                         FLAGS.meta_gradients, FLAGS.model, FLAGS.data_dir)
+  print(format_report(report))
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)

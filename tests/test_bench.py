@@ -1,0 +1,31 @@
+"""The benchmark runs end to end on a CPU (numbers from CPU runs are not GPU results)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from mln_jax import bench
+
+
+def test_benchmark_reports_every_measurement():
+  report = bench.run_benchmark([8], steps=2, repeats=1, meta_gradients=["autodiff", "jvp"],
+                               model="mlp")
+  kinds = [row["kind"] for row in report["measurements"]]
+  assert kinds == ["warmup", "meta/autodiff", "meta/jvp"]
+  for row in report["measurements"]:
+    assert row["images_per_s"] > 0 and row["epoch_s"] > 0
+  text = bench.format_report(report)
+  assert "meta/jvp" in text and "targets" in text
+  json.dumps(report)  # serialisable as written by --out
+
+
+def test_benchmark_cli_writes_json(tmp_path):
+  out = tmp_path / "bench.json"
+  completed = subprocess.run(
+      [sys.executable, "-m", "mln_jax.bench", "--batch_sizes=8", "--steps=2", "--repeats=1",
+       "--meta_gradients=jvp", "--model=mlp", f"--out={out}"],
+      capture_output=True, text=True, timeout=300, env={**os.environ, "XLA_FLAGS": ""})
+  assert completed.returncode == 0, completed.stderr[-2000:]
+  report = json.loads(out.read_text())
+  assert report["backend"] == "cpu" and len(report["measurements"]) == 2
