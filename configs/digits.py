@@ -29,9 +29,10 @@ def get_config():
   config.augment.vflip = False
   config.batch_size = 32
   config.eval_batch_size = 400
-  config.num_epochs = 40
-  config.warmup_epochs = 15
+  # As the paper advises (Section V-A), the warm-up ends a few epochs after the first lr decay.
+  config.num_epochs = 45
+  config.warmup_epochs = 18
   config.optim.learning_rate = 0.05
-  config.optim.lr_boundaries = (20, 32)
+  config.optim.lr_boundaries = (15, 35)
   config.mln.learning_rate = 1e-2
   return config
