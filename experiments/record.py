@@ -54,6 +54,16 @@ def record(workdirs: list[pathlib.Path], name: str, command: str, note: str) -> 
                    f"| {100 * r['best']['test_accuracy']:.2f} | {r['best']['epoch']} "
                    f"| {100 * r['last']['test_accuracy']:.2f} | {r['train_time_s']:.1f} "
                    f"| {r['wall_time_s']:.1f} |")
+  issues = [(w, r["label_issues"]) for w, methods in runs.items() for r in methods.values()
+            if r.get("label_issues")]
+  if issues:
+    lines += ["", "Label errors flagged by MetaLabelNet's soft labels, against the clean labels:", "",
+              "| run | wrong labels | top-k precision = recall | argmax-flag precision | "
+              "argmax-flag recall |", "|---|---|---|---|---|"]
+    for workdir, i in issues:
+      lines.append(f"| {workdir} | {i['wrong_labels']} of {i['labelled']} "
+                   f"| {100 * i.get('top_k_precision', 0.0):.2f} "
+                   f"| {100 * i['argmax_precision']:.2f} | {100 * i['argmax_recall']:.2f} |")
   if len(workdirs) > 1:
     lines += ["", "| method | runs | best-by-meta test acc (mean ± std) | last-epoch test acc |",
               "|---|---|---|---|"]

@@ -23,8 +23,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mln_jax import augment, config as config_lib, data as data_lib, models, noise as noise_lib
-from mln_jax import steps, writers
+from mln_jax import augment, config as config_lib, data as data_lib, labels as labels_lib, models
+from mln_jax import noise as noise_lib, steps, writers
 from mln_jax.train_state import TrainState, create_train_state, freeze_extractor, set_learning_rate
 
 RESULTS_FILE = "results.json"
@@ -369,6 +369,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   cross_entropy_epoch = make_train_epoch(config, mesh, "cross_entropy")
   meta_epoch = make_train_epoch(config, mesh, "metalabelnet")
   predict = make_predict(mesh, config.eval_batch_size, steps.predict)
+  predict_soft_labels = make_predict(mesh, config.eval_batch_size, steps.predict_soft_labels)
 
   checkpoints = ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")),
@@ -376,7 +377,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       # before the next epoch starts (a kill never loses a finished epoch).
       options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
                                            enable_async_checkpointing=False))
-  progress = {"history": [], "best": None, "elapsed_s": 0.0}
+  # `soft_argmax`: the previous phase-2 epoch's argmax soft labels, for their stability.
+  progress = {"history": [], "best": None, "elapsed_s": 0.0, "soft_argmax": None}
   start_epoch = 0
   if checkpoints.latest_step() is not None:
     start_epoch = checkpoints.latest_step()
@@ -417,6 +419,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               "meta_accuracy": meta_accuracy, "test_accuracy": test_accuracy,
               "train_time_s": train_time, "epoch_time_s": time.time() - epoch_start,
               "images_per_s": num_images / train_time}
+    if phase2:
+      soft_argmax = np.asarray(jnp.argmax(predict_soft_labels(state, images), -1))
+      previous = progress["soft_argmax"]
+      record.update(labels_lib.soft_label_agreement(
+          soft_argmax, run_data.train_labels, run_data.clean_train_labels,
+          None if previous is None else np.asarray(previous)))
+      progress["soft_argmax"] = soft_argmax.tolist()
     progress["history"].append(record)
     # Model selection as in the reference: best meta accuracy over the epochs of the method's own
     # training (phase 2 for MetaLabelNet).
@@ -437,6 +446,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   checkpoints.wait_until_finished()
   writer.flush()
 
+  label_issues = None
+  if metalabelnet:
+    soft_labels = np.asarray(predict_soft_labels(state, images))
+    labels_lib.write_soft_labels(os.path.join(workdir, "soft_labels.npz"), run_data.train_labels,
+                                 soft_labels, run_data.clean_train_labels)
+    label_issues = labels_lib.label_issue_report(run_data.train_labels, soft_labels,
+                                                 run_data.clean_train_labels)
+    logging.info("Label issues against the clean labels: %s", label_issues)
+
   history = progress["history"]
   results = {
       "method": config.method,
@@ -447,6 +465,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "last": {"epoch": history[-1]["epoch"], "meta_accuracy": history[-1]["meta_accuracy"],
                "test_accuracy": history[-1]["test_accuracy"]},
       "history": history,
+      "label_issues": label_issues,
+      "image_shape": list(run_data.train_images.shape[1:]),
+      "num_classes": run_data.num_classes,
       "train_time_s": progress["elapsed_s"],
       "wall_time_s": time.time() - start_time,
       "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
@@ -459,6 +480,32 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                config.method, results["best"]["test_accuracy"], results["best"]["epoch"],
                results["last"]["test_accuracy"])
   return results
+
+
+def load_trained_state(workdir: str) -> tuple[TrainState, ml_collections.ConfigDict]:
+  """The final train state of a finished run in `workdir` (classifier, extractor, MetaLabelNet)."""
+  results_path = os.path.join(workdir, RESULTS_FILE)
+  if not os.path.exists(results_path):
+    raise FileNotFoundError(f"{results_path} does not exist: {workdir} holds no finished run.")
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  with open(results_path) as f:
+    results = json.load(f)
+  model = build_model(config, results["num_classes"])
+  abstract = new_state(config, model, tuple(results["image_shape"]), results["num_classes"],
+                       jax.random.PRNGKey(0))
+  checkpoints = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
+  restored = checkpoints.restore(checkpoints.latest_step(), args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract)))
+  return restored.state, config
+
+
+def soft_labels_for(state: TrainState, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+  """MetaLabelNet's soft labels for uint8 NHWC images (new, unlabelled or training images)."""
+  mesh = make_mesh()
+  replicated = NamedSharding(mesh, P())
+  predict = make_predict(mesh, batch_size, steps.predict_soft_labels)
+  return np.asarray(predict(jax.device_put(state, replicated), jax.device_put(images, replicated)))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

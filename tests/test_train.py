@@ -59,12 +59,31 @@ def test_cli_runs_both_methods_and_writes_results(tmp_path):
   assert "train/meta_loss" in mln["history"][-1]
 
 
-def test_metalabelnet_learns_on_digits(tmp_path):
+def test_metalabelnet_learns_on_digits_and_exports_soft_labels(tmp_path):
   results = train.run(tiny(), str(tmp_path))
   assert results["last"]["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
   labels = np.load(tmp_path / "labels.npz")
   assert np.mean(labels["noisy"] != labels["clean"]) == pytest.approx(
       results["noise"]["realised_rate"])
+  # Soft-label statistics per phase-2 epoch; their change is defined from the second one on.
+  phase2 = [h for h in results["history"] if h["phase"] == "metalabelnet"]
+  assert all(0 <= h["soft_labels/clean_agreement"] <= 1 for h in phase2)
+  assert "soft_labels/changed_fraction" not in phase2[0]
+  assert 0 <= phase2[1]["soft_labels/changed_fraction"] <= 1
+  # The export: one row per training sample, scores consistent with the soft labels.
+  export = np.load(tmp_path / "soft_labels.npz")
+  assert export["soft_label"].shape == (1497, 10)
+  np.testing.assert_array_equal(export["given_label"], labels["noisy"])
+  np.testing.assert_allclose(export["label_issue_score"], 1 - export["soft_label"][
+      np.arange(1497), export["given_label"]], rtol=1e-6)
+  issues = results["label_issues"]
+  assert issues["wrong_labels"] == int(np.sum(labels["noisy"] != labels["clean"]))
+  assert 0 <= issues["top_k_precision"] <= 1
+  # A trained run gives soft labels for any images through the library API.
+  state, _ = train.load_trained_state(str(tmp_path))
+  dataset = train.data_lib.load_dataset(tiny().data)
+  np.testing.assert_allclose(train.soft_labels_for(state, dataset.train_images[:50]),
+                             export["soft_label"][:50], rtol=1e-5, atol=1e-6)
 
 
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
