@@ -5,7 +5,8 @@ noise made from a CNN trained on the clean labels; cross-entropy vs MetaLabelNet
 
 Prints a table of both methods' test accuracy (best-by-meta and last epoch) and writes
 workdir/{cross_entropy,metalabelnet}/results.json and workdir/comparison.json.
-Expected: see experiments/results/digits.md (MetaLabelNet above cross-entropy).
+Expected (experiments/results/digits_cpu.md, seeds 0-2, CPU, ~35 s each): test accuracy at the best
+meta epoch, cross-entropy 82.00 ± 3.78 vs MetaLabelNet 91.42 ± 1.26 (last epoch 78.42 vs 92.17).
 """
 
 from mln_jax.config import default_config
