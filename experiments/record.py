@@ -1,7 +1,8 @@
 """Writes runs' results as a record under experiments/results/: device, date, commit and the exact
 command beside every number; with several workdirs (e.g. seeds), also mean ± std per method.
 
-A workdir holds `results.json` (one method) or `<method>/results.json` sub-folders (`method=both`).
+Every results.json under each workdir counts (one run, `<method>/` for `method=both`, `run_<i>/` for
+`num_runs`), grouped by method.
 
   python experiments/record.py --name=digits --command="..." --workdir=/tmp/a --workdir=/tmp/b
 """
@@ -16,13 +17,11 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
 def load_runs(workdir: pathlib.Path) -> dict[str, dict]:
-  """Method name -> results.json contents for one workdir."""
-  if (workdir / "results.json").exists():
-    results = json.loads((workdir / "results.json").read_text())
-    return {results["method"]: results}
-  runs = {p.parent.name: json.loads(p.read_text()) for p in sorted(workdir.glob("*/results.json"))}
+  """Every finished run under `workdir` (any layout: one run, `<method>/`, `run_<i>/`, both):
+  its path -> its results.json."""
+  runs = {str(p.parent): json.loads(p.read_text()) for p in sorted(workdir.rglob("results.json"))}
   if not runs:
-    raise FileNotFoundError(f"No results.json in {workdir} or its sub-folders: has the run finished?")
+    raise FileNotFoundError(f"No results.json under {workdir}: has the run finished?")
   return runs
 
 
@@ -33,8 +32,8 @@ def _mean_std(values: list[float]) -> str:
 
 
 def record(workdirs: list[pathlib.Path], name: str, command: str, note: str) -> pathlib.Path:
-  runs = {str(w): load_runs(w) for w in workdirs}
-  first = next(iter(next(iter(runs.values())).values()))
+  runs = {path: r for w in workdirs for path, r in load_runs(w).items()}
+  first = next(iter(runs.values()))
   lines = [
       f"# {name}", "",
       f"- date: {datetime.date.today().isoformat()}",
@@ -42,29 +41,28 @@ def record(workdirs: list[pathlib.Path], name: str, command: str, note: str) -> 
       f"- commit: {first['commit']}",
       f"- command: `{command}`",
       f"- noise: {first['noise']['kind']} {first['noise']['rate']}", "",
+      "Times are those of the program a run was part of (runs trained together share one).", "",
       "| run | method | realised noise | test acc at best meta epoch | best epoch | last-epoch test acc "
       "| train time (s) | wall time (s) |",
       "|---|---|---|---|---|---|---|---|",
   ]
   by_method: dict[str, list[dict]] = {}
-  for workdir, methods in runs.items():
-    for method, r in methods.items():
-      by_method.setdefault(method, []).append(r)
-      lines.append(f"| {workdir} | {method} | {r['noise']['realised_rate']:.4f} "
-                   f"| {100 * r['best']['test_accuracy']:.2f} | {r['best']['epoch']} "
-                   f"| {100 * r['last']['test_accuracy']:.2f} | {r['train_time_s']:.1f} "
-                   f"| {r['wall_time_s']:.1f} |")
-  issues = [(w, r["label_issues"]) for w, methods in runs.items() for r in methods.values()
-            if r.get("label_issues")]
+  for path, r in runs.items():
+    by_method.setdefault(r["method"], []).append(r)
+    lines.append(f"| {path} | {r['method']} | {r['noise']['realised_rate']:.4f} "
+                 f"| {100 * r['best']['test_accuracy']:.2f} | {r['best']['epoch']} "
+                 f"| {100 * r['last']['test_accuracy']:.2f} | {r['train_time_s']:.1f} "
+                 f"| {r['wall_time_s']:.1f} |")
+  issues = [(path, r["label_issues"]) for path, r in runs.items() if r.get("label_issues")]
   if issues:
     lines += ["", "Label errors flagged by MetaLabelNet's soft labels, against the clean labels:", "",
               "| run | wrong labels | top-k precision = recall | argmax-flag precision | "
               "argmax-flag recall |", "|---|---|---|---|---|"]
-    for workdir, i in issues:
-      lines.append(f"| {workdir} | {i['wrong_labels']} of {i['labelled']} "
+    for path, i in issues:
+      lines.append(f"| {path} | {i['wrong_labels']} of {i['labelled']} "
                    f"| {100 * i.get('top_k_precision', 0.0):.2f} "
                    f"| {100 * i['argmax_precision']:.2f} | {100 * i['argmax_recall']:.2f} |")
-  if len(workdirs) > 1:
+  if any(len(results) > 1 for results in by_method.values()):
     lines += ["", "| method | runs | best-by-meta test acc (mean ± std) | last-epoch test acc |",
               "|---|---|---|---|"]
     for method, results in by_method.items():

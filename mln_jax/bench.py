@@ -40,6 +40,7 @@ flags.DEFINE_list("meta_gradients", ["autodiff", "jvp"], "Meta-gradient methods 
 flags.DEFINE_string("model", "cifar_cnn", "Model name (config.model.name).")
 flags.DEFINE_string("data_dir", "", "CIFAR-10 pack: also time end-to-end epochs with evaluation.")
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
+flags.DEFINE_integer("concurrent_runs", 8, "Also measure this many runs in one program (0: skip).")
 
 
 def _peak_memory_bytes() -> int | None:
@@ -47,36 +48,42 @@ def _peak_memory_bytes() -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
-def measure_epoch(config: ml_collections.ConfigDict, kind: str, steps: int, repeats: int
-                  ) -> dict[str, float]:
-  """Images/s of whole training epochs of `kind` over device-resident synthetic data."""
+def measure_epoch(config: ml_collections.ConfigDict, kind: str, steps: int, repeats: int,
+                  num_runs: int | None = None) -> dict[str, float]:
+  """Images/s of whole training epochs of `kind` over device-resident synthetic data; with
+  `num_runs`, that many independent runs in one vmapped program (aggregate images/s)."""
   mesh = train.make_mesh()
   rng = np.random.default_rng(0)
   num = steps * config.batch_size
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   put = lambda x: jax.device_put(x, replicated)
-  images = put(rng.integers(0, 256, (num, 32, 32, 3), dtype=np.uint8))
-  labels = put(rng.integers(0, 10, num).astype(np.int32))
-  data = (images, labels, put(np.arange(num, dtype=np.int32)))
+  per_run = (lambda x: np.stack([x] * num_runs)) if num_runs else (lambda x: x)
+  images = rng.integers(0, 256, (num, 32, 32, 3), dtype=np.uint8)
+  labels = rng.integers(0, 10, num).astype(np.int32)
+  num_meta = max(config.batch_size, 1000)
+  data = (put(images), put(per_run(labels)), put(per_run(np.arange(num, dtype=np.int32))))
   if kind == "metalabelnet":
-    data += (images[:max(config.batch_size, 1000)], labels[:max(config.batch_size, 1000)])
-  state = train.new_state(config, train.build_model(config, 10), (32, 32, 3), 10,
-                          jax.random.PRNGKey(0))
-  state = put(freeze_extractor(state))
-  epoch = train.make_train_epoch(config, mesh, kind)
+    data += (put(per_run(images[:num_meta])), put(per_run(labels[:num_meta])))
+  model = train.build_model(config, 10)
+  make_state = lambda key: freeze_extractor(train.new_state(config, model, (32, 32, 3), 10, key))
+  keys = jax.random.split(jax.random.PRNGKey(0), num_runs or 1)
+  state = put(jax.vmap(make_state)(keys) if num_runs else make_state(keys[0]))
+  epoch = train.make_train_epoch(config, mesh, kind, num_runs)
+  epoch_key = lambda i: (jax.random.split(jax.random.PRNGKey(i), num_runs) if num_runs
+                         else jax.random.PRNGKey(i))
 
   start = time.perf_counter()
-  state, metrics = epoch(state, *data, jax.random.PRNGKey(1))
+  state, metrics = epoch(state, *data, epoch_key(1))
   jax.block_until_ready(metrics)
   first = time.perf_counter() - start
   times = []
   for repeat in range(repeats):
     start = time.perf_counter()
-    state, metrics = epoch(state, *data, jax.random.PRNGKey(2 + repeat))
+    state, metrics = epoch(state, *data, epoch_key(2 + repeat))
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   steady = statistics.median(times)
-  return {"images_per_s": num / steady, "epoch_s": steady,
+  return {"images_per_s": num * (num_runs or 1) / steady, "epoch_s": steady,
           "compile_and_first_epoch_overhead_s": max(first - steady, 0.0)}
 
 
@@ -96,8 +103,8 @@ def measure_cifar10_epochs(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def run_benchmark(batch_sizes: Sequence[int], steps: int, repeats: int,
-                  meta_gradients: Sequence[str], model: str = "cifar_cnn", data_dir: str = ""
-                  ) -> dict[str, Any]:
+                  meta_gradients: Sequence[str], model: str = "cifar_cnn", data_dir: str = "",
+                  concurrent_runs: int = 0) -> dict[str, Any]:
   base = config_lib.default_config()
   base.model.name = model
   report: dict[str, Any] = {
@@ -105,7 +112,6 @@ def run_benchmark(batch_sizes: Sequence[int], steps: int, repeats: int,
       "backend": jax.default_backend(), "jax_version": jax.__version__,
       "commit": train._git_commit(), "date": datetime.date.today().isoformat(),
       "steps_per_epoch": steps, "targets_h100_batch128": TARGETS, "measurements": [],
-      "concurrent_runs": "not implemented yet (issue 3, item 5)",
   }
   for batch_size in batch_sizes:
     config = base.copy_and_resolve_references()
@@ -120,6 +126,15 @@ def run_benchmark(batch_sizes: Sequence[int], steps: int, repeats: int,
              **measure_epoch(config, "metalabelnet", steps, repeats)}
       report["measurements"].append(row)
       logging.info("%s", row)
+  if concurrent_runs:
+    config = base.copy_and_resolve_references()
+    config.batch_size = batch_sizes[0]
+    config.mln.meta_gradient = meta_gradients[0]
+    for kind, name in (("cross_entropy", "warmup"), ("metalabelnet", f"meta/{meta_gradients[0]}")):
+      row = {"kind": f"{name} x{concurrent_runs} runs", "batch_size": config.batch_size,
+             **measure_epoch(config, kind, steps, repeats, concurrent_runs)}
+      report["measurements"].append(row)
+      logging.info("%s", row)
   report["peak_memory_bytes"] = _peak_memory_bytes()
   if data_dir:
     config = base.copy_and_resolve_references()
@@ -131,9 +146,9 @@ def run_benchmark(batch_sizes: Sequence[int], steps: int, repeats: int,
 def format_report(report: dict[str, Any]) -> str:
   lines = [f"{report['device']} ({report['backend']}), JAX {report['jax_version']}, "
            f"commit {report['commit']}",
-           f"{'step':<16}{'batch':>6}{'images/s':>12}{'epoch s':>10}{'compile s':>11}"]
+           f"{'step':<24}{'batch':>6}{'images/s':>12}{'epoch s':>10}{'compile s':>11}"]
   for row in report["measurements"]:
-    lines.append(f"{row['kind']:<16}{row['batch_size']:>6}{row['images_per_s']:>12.0f}"
+    lines.append(f"{row['kind']:<24}{row['batch_size']:>6}{row['images_per_s']:>12.0f}"
                  f"{row['epoch_s']:>10.3f}{row['compile_and_first_epoch_overhead_s']:>11.2f}")
   lines.append(f"targets (H100, batch 128): meta step >= "
                f"{TARGETS['meta_step_images_per_s']} images/s, warm-up step >= "
@@ -147,7 +162,7 @@ def format_report(report: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
   del argv
   report = run_benchmark([int(b) for b in FLAGS.batch_sizes], FLAGS.steps, FLAGS.repeats,
-                         FLAGS.meta_gradients, FLAGS.model, FLAGS.data_dir)
+                         FLAGS.meta_gradients, FLAGS.model, FLAGS.data_dir, FLAGS.concurrent_runs)
   print(format_report(report))
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:

@@ -22,6 +22,9 @@ def default_config() -> ml_collections.ConfigDict:
   # 'metalabelnet': warm-up then phase 2; 'cross_entropy': cross-entropy for all epochs (the baseline
   # row); 'both': each in its own sub-folder of the workdir, then a comparison.
   config.method = "metalabelnet"
+  # Independent runs with seeds seed, seed + 1, ... trained together in one vmapped program (each
+  # with its own split, noise, initialisation and data order); results per run in workdir/run_<i>.
+  config.num_runs = 1
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "cifar10"           # 'cifar10' | 'digits'
@@ -107,6 +110,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
            f"config.noise.kind={config.noise.kind!r}: choose one of {NOISE_KINDS}.")
   _require(0.0 <= config.noise.rate <= 1.0,
            f"config.noise.rate={config.noise.rate}: a noise rate lies in [0, 1].")
+  _require(config.num_runs >= 1, f"config.num_runs={config.num_runs} must be at least 1.")
   _require(config.batch_size > 0, f"config.batch_size={config.batch_size} must be positive.")
   _require(config.eval_batch_size > 0,
            f"config.eval_batch_size={config.eval_batch_size} must be positive.")

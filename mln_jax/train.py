@@ -80,14 +80,18 @@ def _cycling_order(key: jax.Array, num_items: int, num_steps: int, batch_size: i
   return order[:num_steps * batch_size].reshape(num_steps, batch_size)
 
 
-def make_train_epoch(config: ml_collections.ConfigDict, mesh: Mesh, kind: str) -> Callable[..., Any]:
+def make_train_epoch(config: ml_collections.ConfigDict, mesh: Mesh, kind: str,
+                     num_runs: int | None = None) -> Callable[..., Any]:
   """A whole training epoch with donated state.
 
   kind 'cross_entropy': `(state, images, labels, indices, key) -> (state, per-step metrics)`;
   kind 'metalabelnet':  `(state, images, labels, indices, meta_images, meta_labels, key) -> ...`.
-  The epoch's order and augmentation keys come from `key` alone, so an epoch is reproducible. On
-  accelerators the epoch is one jitted `lax.scan`; on CPU, XLA runs convolutions inside a loop body
-  some 30x slower than outside one, so there each step is its own jitted call (config.epoch_loop).
+  With `num_runs`, independent runs go through one program (`vmap`): the state, labels, indices,
+  meta data and key have a leading run axis, the training images are shared, and metrics come back
+  as (steps, runs). The epoch's order and augmentation keys come from `key` alone, so an epoch is
+  reproducible. On accelerators the epoch is one jitted `lax.scan`; on CPU, XLA runs convolutions
+  inside a loop body some 30x slower than outside one, so there each step is its own jitted call
+  (config.epoch_loop).
   """
   if kind not in ("cross_entropy", "metalabelnet"):
     raise ValueError(f"Unknown epoch kind {kind!r}.")
@@ -122,6 +126,19 @@ def make_train_epoch(config: ml_collections.ConfigDict, mesh: Mesh, kind: str) -
                         augmented=config.augment.meta_batches)
     return steps.meta_step(state, gather(images, labels, idx, keys[0]), meta_batch)
 
+  def epoch_schedule(key, indices, num_meta):
+    """The epoch's per-step inputs with the step axis first (then the run axis, if any)."""
+    fn = lambda k, i: schedule(k, i, num_meta)
+    if num_runs is None:
+      return fn(key, indices)
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), jax.vmap(fn)(key, indices))
+
+  run_step = step
+  if num_runs is not None:
+    data_axes = (None, 0) if kind == "cross_entropy" else (None, 0, 0, 0)
+    run_step = jax.vmap(step, in_axes=(0, data_axes, 0))
+  num_meta_of = lambda data: data[2].shape[-4] if len(data) > 2 else 0
+
   loop = config.epoch_loop
   if loop == "auto":
     loop = "host" if jax.default_backend() == "cpu" else "scan"
@@ -129,15 +146,15 @@ def make_train_epoch(config: ml_collections.ConfigDict, mesh: Mesh, kind: str) -
   if loop == "scan":
     @functools.partial(jax.jit, donate_argnums=0)
     def scanned_epoch(state, data, indices, key):
-      xs = schedule(key, indices, data[2].shape[0] if len(data) > 2 else 0)
-      return jax.lax.scan(lambda s, x: step(s, data, x), state, xs)
+      xs = epoch_schedule(key, indices, num_meta_of(data))
+      return jax.lax.scan(lambda s, x: run_step(s, data, x), state, xs)
     epoch_fn = scanned_epoch
   else:
-    jit_step = jax.jit(step, donate_argnums=0)
-    jit_schedule = jax.jit(schedule, static_argnums=2)
+    jit_step = jax.jit(run_step, donate_argnums=0)
+    jit_schedule = jax.jit(epoch_schedule, static_argnums=2)
 
     def host_loop_epoch(state, data, indices, key):
-      xs = jit_schedule(key, indices, data[2].shape[0] if len(data) > 2 else 0)
+      xs = jit_schedule(key, indices, num_meta_of(data))
       per_step = []
       for i in range(xs[0].shape[0]):
         state, metrics = jit_step(state, data, tuple(x[i] for x in xs))
@@ -152,13 +169,18 @@ def make_train_epoch(config: ml_collections.ConfigDict, mesh: Mesh, kind: str) -
       state, (images, labels, meta_images, meta_labels), indices, key)
 
 
-def make_predict(mesh: Mesh, eval_batch_size: int, fn: Callable[[TrainState, jax.Array], jax.Array]
+def make_predict(mesh: Mesh, eval_batch_size: int, fn: Callable[[TrainState, jax.Array], jax.Array],
+                 num_runs: int | None = None, shared_images: bool = False
                  ) -> Callable[[TrainState, jax.Array], jax.Array]:
-  """Jitted `fn(state, normalised images)` over a whole uint8 split, in batches, without augmentation."""
-  sharded = NamedSharding(mesh, P("data"))
-  batch = -(-eval_batch_size // mesh.size) * mesh.size
+  """Jitted `fn(state, normalised images)` over a whole uint8 split, in batches, without augmentation.
 
-  @jax.jit
+  With `num_runs`, the state has a leading run axis, and so do the images unless `shared_images`;
+  the runs share `eval_batch_size`, so memory does not grow with their number.
+  """
+  sharded = NamedSharding(mesh, P("data"))
+  per_run = max(eval_batch_size // (num_runs or 1), 1)
+  batch = -(-per_run // mesh.size) * mesh.size
+
   def predict_all(state, images):
     count = images.shape[0]
     padded = -(-count // batch) * batch
@@ -168,27 +190,31 @@ def make_predict(mesh: Mesh, eval_batch_size: int, fn: Callable[[TrainState, jax
     outputs = jax.lax.map(per_batch, images)
     return outputs.reshape((padded,) + outputs.shape[2:])[:count]
 
-  return predict_all
+  if num_runs is None:
+    return jax.jit(predict_all)
+  return jax.jit(jax.vmap(predict_all, in_axes=(0, None if shared_images else 0)))
 
 
 def accuracy(logits: jax.Array, labels: np.ndarray) -> float:
   return float(np.mean(np.asarray(jnp.argmax(logits, -1)) == labels))
 
 
-def _check_finite(metrics: dict[str, np.ndarray], epoch: int, phase: str) -> None:
+def _check_finite(metrics: dict[str, np.ndarray], epoch: int, phase: str, run: str) -> None:
   for name, values in metrics.items():
     bad = ~np.isfinite(values)
     if bad.any():
       raise FloatingPointError(
-          f"Non-finite {name} in epoch {epoch} ({phase}), first at step {int(np.argmax(bad))}: "
-          f"training diverged. Lower the learning rate (--config.optim.learning_rate, "
-          f"--config.mln.learning_rate or --config.mln.inner_lr) or check the input data. "
-          f"No results were written for this run.")
+          f"Non-finite {name} in epoch {epoch + 1} ({phase}) of {run}, first at step "
+          f"{int(np.argmax(bad))}: training diverged. Lower the learning rate "
+          f"(--config.optim.learning_rate, --config.mln.learning_rate or --config.mln.inner_lr) or "
+          f"check the input data. All runs trained with it stopped too; no results were written.")
 
 
-def prepare_data(config: ml_collections.ConfigDict) -> RunData:
-  """Loads the dataset, splits meta/test by seed, makes the noisy labels, drops labels if asked."""
-  dataset = data_lib.load_dataset(config.data)
+def prepare_data(config: ml_collections.ConfigDict,
+                 dataset: data_lib.ImageDataset | None = None) -> RunData:
+  """Loads the dataset (unless given), splits meta/test by seed, makes the noisy labels, drops labels
+  if asked."""
+  dataset = dataset or data_lib.load_dataset(config.data)
   meta_images, meta_labels, test_images, test_labels = data_lib.split_meta_test(
       dataset.heldout_images, dataset.heldout_labels, config.data.num_meta, seed=config.seed)
   clean = dataset.train_labels.astype(np.int32)
@@ -319,6 +345,20 @@ def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> No
     _write_json_atomically(path, current)
 
 
+# Keys in which runs that share one program (one vmapped state) may differ.
+_PER_RUN_KEYS = ("seed", "noise")
+
+
+def _check_runs_compatible(configs: list[ml_collections.ConfigDict]) -> None:
+  shared = lambda c: {k: v for k, v in json.loads(c.to_json_best_effort()).items()
+                      if k not in _PER_RUN_KEYS}
+  for index, config in enumerate(configs[1:], 1):
+    if shared(config) != shared(configs[0]):
+      differing = sorted(k for k in shared(config) if shared(config)[k] != shared(configs[0])[k])
+      raise ValueError(f"Runs trained together may differ only in {_PER_RUN_KEYS}; run {index} "
+                       f"also differs in {differing}.")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        run_data: RunData | None = None) -> dict[str, Any]:
   """Runs one method ('metalabelnet' or 'cross_entropy'), resuming from `workdir` if it holds one.
@@ -327,30 +367,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   test accuracy at the best meta accuracy and at the last epoch, the realised noise rate, wall time
   and device.
   """
-  config_lib.validate_config(config)
-  with jax.default_matmul_precision(config.matmul_precision):
-    return _train_and_evaluate(config, workdir, run_data)
+  if config.num_runs != 1:
+    raise ValueError(f"train_and_evaluate trains one run; config.num_runs={config.num_runs} "
+                     "(use run() or train_and_evaluate_runs()).")
+  return train_and_evaluate_runs([config], workdir,
+                                 None if run_data is None else [run_data])[0]
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                        run_data: RunData | None) -> dict[str, Any]:
-  if config.method not in ("metalabelnet", "cross_entropy"):
-    raise ValueError(f"train_and_evaluate runs one method; got {config.method!r} (use run()).")
-  os.makedirs(workdir, exist_ok=True)
-  _check_workdir_config(workdir, config)
-  results_path = os.path.join(workdir, RESULTS_FILE)
-  if os.path.exists(results_path):
+def train_and_evaluate_runs(configs: list[ml_collections.ConfigDict], workdir: str,
+                            run_datas: list[RunData] | None = None) -> list[dict[str, Any]]:
+  """Trains independent runs (differing only in seed and noise settings) in one program.
+
+  The runs share the training images and one jitted, `vmap`ped step; each has its own labels, meta
+  and test split, states and random streams, and gets its own folder `workdir/run_<i>` (just
+  `workdir` for a single run) with config, labels, TensorBoard files and results.json. The stacked
+  state is checkpointed in `workdir/checkpoints`, so all runs resume together.
+  """
+  for config in configs:
+    config_lib.validate_config(config)
+  _check_runs_compatible(configs)
+  if configs[0].method not in ("metalabelnet", "cross_entropy"):
+    raise ValueError(f"train_and_evaluate runs one method; got {configs[0].method!r} (use run()).")
+  with jax.default_matmul_precision(configs[0].matmul_precision):
+    return _train_and_evaluate_runs(configs, workdir, run_datas)
+
+
+def _run_dirs(workdir: str, num_runs: int) -> list[str]:
+  if num_runs == 1:
+    return [workdir]
+  return [os.path.join(workdir, f"run_{index}") for index in range(num_runs)]
+
+
+def _train_and_evaluate_runs(configs: list[ml_collections.ConfigDict], workdir: str,
+                             run_datas: list[RunData] | None) -> list[dict[str, Any]]:
+  config, num_runs = configs[0], len(configs)
+  run_dirs = _run_dirs(workdir, num_runs)
+  for run_dir, run_config in zip(run_dirs, configs):
+    os.makedirs(run_dir, exist_ok=True)
+    _check_workdir_config(run_dir, run_config)
+  results_paths = [os.path.join(d, RESULTS_FILE) for d in run_dirs]
+  if all(os.path.exists(p) for p in results_paths):
     logging.info("%s is complete; returning its results.", workdir)
-    with open(results_path) as f:
-      return json.load(f)
+    return [json.load(open(p)) for p in results_paths]
 
   start_time = time.time()
-  run_data = run_data or prepare_data(config)
-  logging.info("%s: %d training samples (%d labelled), %d meta, %d test; realised noise rate %.4f",
-               run_data.name, len(run_data.train_labels), len(run_data.labelled_indices),
-               len(run_data.meta_labels), len(run_data.test_labels), run_data.realised_noise_rate)
-  np.savez(os.path.join(workdir, "labels.npz"), noisy=run_data.train_labels,
-           clean=run_data.clean_train_labels)
+  if run_datas is None:
+    dataset = data_lib.load_dataset(config.data)
+    run_datas = [prepare_data(c, dataset) for c in configs]
+  for run_dir, run_data in zip(run_dirs, run_datas):
+    logging.info("%s in %s: %d training samples (%d labelled), %d meta, %d test; realised noise "
+                 "rate %.4f", run_data.name, run_dir, len(run_data.train_labels), len(run_data.labelled_indices),
+                 len(run_data.meta_labels), len(run_data.test_labels), run_data.realised_noise_rate)
+    np.savez(os.path.join(run_dir, "labels.npz"), noisy=run_data.train_labels,
+             clean=run_data.clean_train_labels)
+  first = run_datas[0]
+  if len({len(d.labelled_indices) for d in run_datas}) > 1:
+    raise ValueError("Runs trained together need the same number of labelled samples.")
 
   mesh = make_mesh()
   if config.batch_size % mesh.size:
@@ -358,18 +430,23 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                      f"devices ({mesh.size}).")
   replicated = NamedSharding(mesh, P())
   put = lambda x: jax.device_put(x, replicated)
-  images, labels = put(run_data.train_images), put(run_data.train_labels)
-  meta_images, meta_labels = put(run_data.meta_images), put(run_data.meta_labels)
-  test_images = put(run_data.test_images)
-  labelled, everything = put(run_data.labelled_indices), put(np.arange(len(labels), dtype=np.int32))
+  stacked = lambda field: put(np.stack([getattr(d, field) for d in run_datas]))
+  images = put(first.train_images)  # Shared by all runs: one copy on the device.
+  labels, meta_images, meta_labels = (stacked("train_labels"), stacked("meta_images"),
+                                      stacked("meta_labels"))
+  test_images = stacked("test_images")
+  labelled = put(np.stack([d.labelled_indices for d in run_datas]))
+  everything = put(np.tile(np.arange(len(first.train_labels), dtype=np.int32), (num_runs, 1)))
 
-  model = build_model(config, run_data.num_classes)
-  state = put(new_state(config, model, run_data.train_images.shape[1:], run_data.num_classes,
-                        jax.random.PRNGKey(config.seed)))
-  cross_entropy_epoch = make_train_epoch(config, mesh, "cross_entropy")
-  meta_epoch = make_train_epoch(config, mesh, "metalabelnet")
-  predict = make_predict(mesh, config.eval_batch_size, steps.predict)
-  predict_soft_labels = make_predict(mesh, config.eval_batch_size, steps.predict_soft_labels)
+  model = build_model(config, first.num_classes)
+  keys = jnp.stack([jax.random.PRNGKey(c.seed) for c in configs])
+  state = put(jax.vmap(lambda key: new_state(config, model, first.train_images.shape[1:],
+                                             first.num_classes, key))(keys))
+  cross_entropy_epoch = make_train_epoch(config, mesh, "cross_entropy", num_runs)
+  meta_epoch = make_train_epoch(config, mesh, "metalabelnet", num_runs)
+  predict = make_predict(mesh, config.eval_batch_size, steps.predict, num_runs)
+  predict_soft_labels = make_predict(mesh, config.eval_batch_size, steps.predict_soft_labels,
+                                     num_runs, shared_images=True)
 
   checkpoints = ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")),
@@ -377,20 +454,27 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       # before the next epoch starts (a kill never loses a finished epoch).
       options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
                                            enable_async_checkpointing=False))
-  # `soft_argmax`: the previous phase-2 epoch's argmax soft labels, for their stability.
-  progress = {"history": [], "best": None, "elapsed_s": 0.0, "soft_argmax": None}
+  # Per run: history, best epoch, and the previous phase-2 epoch's argmax soft labels (stability).
+  progress = {"num_runs": num_runs, "elapsed_s": 0.0,
+              "runs": [{"history": [], "best": None, "soft_argmax": None} for _ in configs]}
   start_epoch = 0
   if checkpoints.latest_step() is not None:
     start_epoch = checkpoints.latest_step()
+    saved = checkpoints.restore(start_epoch, args=ocp.args.Composite(
+        progress=ocp.args.JsonRestore())).progress
+    if saved["num_runs"] != num_runs:
+      raise ValueError(f"{workdir} holds a checkpoint of {saved['num_runs']} runs, not "
+                       f"{num_runs}. Resume with the same runs or use a new --workdir.")
     restored = checkpoints.restore(start_epoch, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(state), progress=ocp.args.JsonRestore()))
     state, progress = restored.state, restored.progress
     logging.info("Resumed from the checkpoint after epoch %d in %s.", start_epoch, workdir)
 
-  writer = writers.create_writer(workdir)
+  run_writers = [writers.create_writer(d) for d in run_dirs]
   if start_epoch == 0:
-    writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()
-                          if isinstance(v, (int, float, str, bool))})
+    for writer, run_config in zip(run_writers, configs):
+      writer.write_hparams({k: v for k, v in _flatten(run_config.to_dict()).items()
+                            if isinstance(v, (int, float, str, bool))})
   metalabelnet = config.method == "metalabelnet"
   for epoch in range(start_epoch, config.num_epochs):
     phase2 = metalabelnet and epoch >= config.warmup_epochs
@@ -399,105 +483,127 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       state = freeze_extractor(state)
     lr = config_lib.learning_rate_at(config, epoch)
     state = state.replace(opt_state=set_learning_rate(state.opt_state, lr))
-    epoch_key = jax.random.fold_in(state.rng, epoch)
+    epoch_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.rng, epoch)
 
     epoch_start = time.time()
     if phase2:
       state, step_metrics = meta_epoch(state, images, labels, everything, meta_images, meta_labels,
-                                       epoch_key)
+                                       epoch_keys)
     else:
-      state, step_metrics = cross_entropy_epoch(state, images, labels, labelled, epoch_key)
-    step_metrics = jax.tree.map(np.asarray, step_metrics)  # Waits for the epoch.
+      state, step_metrics = cross_entropy_epoch(state, images, labels, labelled, epoch_keys)
+    step_metrics = jax.tree.map(np.asarray, step_metrics)  # (steps, runs); waits for the epoch.
     train_time = time.time() - epoch_start
-    _check_finite(step_metrics, epoch, phase)
-    num_images = next(iter(step_metrics.values())).shape[0] * config.batch_size
+    for index, run_dir in enumerate(run_dirs):
+      _check_finite({k: v[:, index] for k, v in step_metrics.items()}, epoch, phase, run_dir)
+    num_images = next(iter(step_metrics.values())).shape[0] * config.batch_size * num_runs
 
-    meta_accuracy = accuracy(predict(state, meta_images), run_data.meta_labels)
-    test_accuracy = accuracy(predict(state, test_images), run_data.test_labels)
-    record = {"epoch": epoch + 1, "phase": phase, "learning_rate": lr,
-              **{f"train/{k}": float(v.mean()) for k, v in step_metrics.items()},
-              "meta_accuracy": meta_accuracy, "test_accuracy": test_accuracy,
-              "train_time_s": train_time, "epoch_time_s": time.time() - epoch_start,
-              "images_per_s": num_images / train_time}
-    if phase2:
-      soft_argmax = np.asarray(jnp.argmax(predict_soft_labels(state, images), -1))
-      previous = progress["soft_argmax"]
-      record.update(labels_lib.soft_label_agreement(
-          soft_argmax, run_data.train_labels, run_data.clean_train_labels,
-          None if previous is None else np.asarray(previous)))
-      progress["soft_argmax"] = soft_argmax.tolist()
-    progress["history"].append(record)
-    # Model selection as in the reference: best meta accuracy over the epochs of the method's own
-    # training (phase 2 for MetaLabelNet).
-    if (phase2 or not metalabelnet) and (progress["best"] is None
-                                         or meta_accuracy > progress["best"]["meta_accuracy"]):
-      progress["best"] = {"epoch": epoch + 1, "meta_accuracy": meta_accuracy,
-                          "test_accuracy": test_accuracy}
-    progress["elapsed_s"] += time.time() - epoch_start
-    writer.write_scalars(epoch + 1, {k: v for k, v in record.items()
-                                     if isinstance(v, float) and k != "epoch"})
-    logging.info("epoch %3d/%d [%s] lr %.0e  loss %.4f  meta acc %.4f  test acc %.4f  "
-                 "%.0f img/s (%.1f s)", epoch + 1, config.num_epochs, phase, lr,
-                 record["train/loss"], meta_accuracy, test_accuracy, record["images_per_s"],
-                 record["epoch_time_s"])
+    meta_predictions = np.asarray(jnp.argmax(predict(state, meta_images), -1))
+    test_predictions = np.asarray(jnp.argmax(predict(state, test_images), -1))
+    soft_argmax = (np.asarray(jnp.argmax(predict_soft_labels(state, images), -1)) if phase2
+                   else None)
+    epoch_time = time.time() - epoch_start
+    for index, (run, run_data) in enumerate(zip(progress["runs"], run_datas)):
+      record = {"epoch": epoch + 1, "phase": phase, "learning_rate": lr,
+                **{f"train/{k}": float(v[:, index].mean()) for k, v in step_metrics.items()},
+                "meta_accuracy": float(np.mean(meta_predictions[index] == run_data.meta_labels)),
+                "test_accuracy": float(np.mean(test_predictions[index] == run_data.test_labels)),
+                "train_time_s": train_time, "epoch_time_s": epoch_time,
+                "images_per_s": num_images / train_time}
+      if phase2:
+        previous = run["soft_argmax"]
+        record.update(labels_lib.soft_label_agreement(
+            soft_argmax[index], run_data.train_labels, run_data.clean_train_labels,
+            None if previous is None else np.asarray(previous)))
+        run["soft_argmax"] = soft_argmax[index].tolist()
+      run["history"].append(record)
+      # Model selection as in the reference: best meta accuracy over the epochs of the method's
+      # own training (phase 2 for MetaLabelNet).
+      if (phase2 or not metalabelnet) and (
+          run["best"] is None or record["meta_accuracy"] > run["best"]["meta_accuracy"]):
+        run["best"] = {"epoch": epoch + 1, "meta_accuracy": record["meta_accuracy"],
+                       "test_accuracy": record["test_accuracy"]}
+      run_writers[index].write_scalars(epoch + 1, {k: v for k, v in record.items()
+                                                   if isinstance(v, float) and k != "epoch"})
+    progress["elapsed_s"] += epoch_time
+    accuracies = lambda key: " ".join(f"{r['history'][-1][key]:.4f}" for r in progress["runs"])
+    logging.info("epoch %3d/%d [%s] lr %.0e  loss %s  meta acc %s  test acc %s  %.0f img/s "
+                 "(%.1f s)", epoch + 1, config.num_epochs, phase, lr,
+                 " ".join(f"{v:.4f}" for v in step_metrics["loss"].mean(0)), accuracies(
+                     "meta_accuracy"), accuracies("test_accuracy"), num_images / train_time,
+                 epoch_time)
     if (epoch + 1) % config.checkpoint_every_epochs == 0 or epoch + 1 == config.num_epochs:
       checkpoints.save(epoch + 1, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)))
   checkpoints.wait_until_finished()
-  writer.flush()
+  for writer in run_writers:
+    writer.flush()
 
-  label_issues = None
-  if metalabelnet:
-    soft_labels = np.asarray(predict_soft_labels(state, images))
-    labels_lib.write_soft_labels(os.path.join(workdir, "soft_labels.npz"), run_data.train_labels,
-                                 soft_labels, run_data.clean_train_labels)
-    label_issues = labels_lib.label_issue_report(run_data.train_labels, soft_labels,
-                                                 run_data.clean_train_labels)
-    logging.info("Label issues against the clean labels: %s", label_issues)
-
-  history = progress["history"]
-  results = {
-      "method": config.method,
-      "dataset": run_data.name,
-      "noise": {"kind": config.noise.kind, "rate": config.noise.rate,
-                "realised_rate": run_data.realised_noise_rate},
-      "best": progress["best"],
-      "last": {"epoch": history[-1]["epoch"], "meta_accuracy": history[-1]["meta_accuracy"],
-               "test_accuracy": history[-1]["test_accuracy"]},
-      "history": history,
-      "label_issues": label_issues,
-      "image_shape": list(run_data.train_images.shape[1:]),
-      "num_classes": run_data.num_classes,
-      "train_time_s": progress["elapsed_s"],
-      "wall_time_s": time.time() - start_time,
-      "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
-      "jax_version": jax.__version__,
-      "matmul_precision": config.matmul_precision,
-      "commit": _git_commit(),
-  }
-  _write_json_atomically(results_path, results)
-  logging.info("%s done: test accuracy %.4f at the best meta epoch %d, %.4f at the last epoch.",
-               config.method, results["best"]["test_accuracy"], results["best"]["epoch"],
-               results["last"]["test_accuracy"])
-  return results
+  final_soft_labels = (np.asarray(predict_soft_labels(state, images)) if metalabelnet else None)
+  all_results = []
+  for index, (run_dir, run, run_data, run_config) in enumerate(
+      zip(run_dirs, progress["runs"], run_datas, configs)):
+    label_issues = None
+    if metalabelnet:
+      labels_lib.write_soft_labels(os.path.join(run_dir, "soft_labels.npz"), run_data.train_labels,
+                                   final_soft_labels[index], run_data.clean_train_labels)
+      label_issues = labels_lib.label_issue_report(run_data.train_labels, final_soft_labels[index],
+                                                   run_data.clean_train_labels)
+    history = run["history"]
+    results = {
+        "method": config.method,
+        "dataset": run_data.name,
+        "seed": run_config.seed,
+        "noise": {"kind": run_config.noise.kind, "rate": run_config.noise.rate,
+                  "realised_rate": run_data.realised_noise_rate},
+        "best": run["best"],
+        "last": {"epoch": history[-1]["epoch"], "meta_accuracy": history[-1]["meta_accuracy"],
+                 "test_accuracy": history[-1]["test_accuracy"]},
+        "history": history,
+        "label_issues": label_issues,
+        "image_shape": list(run_data.train_images.shape[1:]),
+        "num_classes": run_data.num_classes,
+        "checkpoint": {"dir": os.path.relpath(os.path.join(workdir, "checkpoints"), run_dir),
+                       "run_index": index, "num_runs": num_runs},
+        "train_time_s": progress["elapsed_s"],
+        "wall_time_s": time.time() - start_time,
+        "concurrent_runs": num_runs,
+        "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
+        "jax_version": jax.__version__,
+        "matmul_precision": config.matmul_precision,
+        "commit": _git_commit(),
+    }
+    _write_json_atomically(os.path.join(run_dir, RESULTS_FILE), results)
+    logging.info("%s %s done: test accuracy %.4f at the best meta epoch %d, %.4f at the last "
+                 "epoch; label issues %s.", config.method, run_dir, results["best"]["test_accuracy"],
+                 results["best"]["epoch"], results["last"]["test_accuracy"], label_issues)
+    all_results.append(results)
+  return all_results
 
 
 def load_trained_state(workdir: str) -> tuple[TrainState, ml_collections.ConfigDict]:
-  """The final train state of a finished run in `workdir` (classifier, extractor, MetaLabelNet)."""
+  """The final train state of a finished run in `workdir` (classifier, extractor, MetaLabelNet);
+  for a run trained together with others, its slice of their common checkpoint."""
   results_path = os.path.join(workdir, RESULTS_FILE)
   if not os.path.exists(results_path):
-    raise FileNotFoundError(f"{results_path} does not exist: {workdir} holds no finished run.")
+    raise FileNotFoundError(f"{results_path} does not exist: {workdir} holds no finished run (for "
+                            f"runs trained together, name one run's folder, {workdir}/run_<i>).")
   with open(os.path.join(workdir, "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))
   with open(results_path) as f:
     results = json.load(f)
+  where = results["checkpoint"]
   model = build_model(config, results["num_classes"])
-  abstract = new_state(config, model, tuple(results["image_shape"]), results["num_classes"],
-                       jax.random.PRNGKey(0))
-  checkpoints = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
+  abstract = jax.eval_shape(jax.vmap(lambda key: new_state(
+      config, model, tuple(results["image_shape"]), results["num_classes"], key)),
+      jnp.zeros((where["num_runs"], 2), jnp.uint32))
+  # Restore onto this process's first device, whatever devices the run was trained on.
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          abstract)
+  checkpoints = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, where["dir"])))
   restored = checkpoints.restore(checkpoints.latest_step(), args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract)))
-  return restored.state, config
+  return jax.tree.map(lambda x: x[where["run_index"]], restored.state), config
 
 
 def soft_labels_for(state: TrainState, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
@@ -508,30 +614,54 @@ def soft_labels_for(state: TrainState, images: np.ndarray, batch_size: int = 100
   return np.asarray(predict(jax.device_put(state, replicated), jax.device_put(images, replicated)))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs `config.method`; for 'both', each method in its own sub-folder and a comparison of the two."""
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[dict[str, Any]]]:
+  """Runs `config.method` (both methods for 'both', each in its own sub-folder) over
+  `config.num_runs` seeds (config.seed, config.seed + 1, ...) trained together; prints and writes
+  (`comparison.json`) a summary. Returns method -> the runs' results."""
   config_lib.validate_config(config)
-  if config.method != "both":
-    return train_and_evaluate(config, workdir)
-  with jax.default_matmul_precision(config.matmul_precision):
-    run_data = prepare_data(config)
+  methods = ("cross_entropy", "metalabelnet") if config.method == "both" else (config.method,)
+  configs = []
+  for offset in range(config.num_runs):
+    run_config = config.copy_and_resolve_references()
+    run_config.seed = config.seed + offset
+    configs.append(run_config)
+  method_dirs = {m: workdir if len(methods) == 1 else os.path.join(workdir, m) for m in methods}
+  finished = all(os.path.exists(os.path.join(d, RESULTS_FILE))
+                 for m in methods for d in _run_dirs(method_dirs[m], len(configs)))
+  run_datas = None
+  if not finished:  # Noise with 'clean_model' trains teachers: not for a finished workdir.
+    with jax.default_matmul_precision(config.matmul_precision):
+      dataset = data_lib.load_dataset(config.data)
+      run_datas = [prepare_data(c, dataset) for c in configs]
   results = {}
-  for method in ("cross_entropy", "metalabelnet"):
-    method_config = config.copy_and_resolve_references()
-    method_config.method = method
-    results[method] = train_and_evaluate(method_config, os.path.join(workdir, method), run_data)
-  comparison = {method: {"best_test_accuracy": r["best"]["test_accuracy"],
-                         "last_test_accuracy": r["last"]["test_accuracy"],
-                         "train_time_s": r["train_time_s"]} for method, r in results.items()}
-  comparison["realised_noise_rate"] = run_data.realised_noise_rate
-  _write_json_atomically(os.path.join(workdir, "comparison.json"), comparison)
+  for method in methods:
+    method_configs = []
+    for run_config in configs:
+      method_config = run_config.copy_and_resolve_references()
+      method_config.method = method
+      method_configs.append(method_config)
+    results[method] = train_and_evaluate_runs(method_configs, method_dirs[method], run_datas)
+  summary = {method: {"best_test_accuracy": [r["best"]["test_accuracy"] for r in runs],
+                      "last_test_accuracy": [r["last"]["test_accuracy"] for r in runs],
+                      "train_time_s": runs[0]["train_time_s"]}
+             for method, runs in results.items()}
+  summary["seeds"] = [c.seed for c in configs]
+  summary["realised_noise_rate"] = [r["noise"]["realised_rate"] for r in results[methods[0]]]
+  _write_json_atomically(os.path.join(workdir, "comparison.json"), summary)
   lines = [f"{'method':<15}{'best-by-meta test acc':>24}{'last-epoch test acc':>22}"]
-  for method in ("cross_entropy", "metalabelnet"):
-    lines.append(f"{method:<15}{comparison[method]['best_test_accuracy']:>24.4f}"
-                 f"{comparison[method]['last_test_accuracy']:>22.4f}")
-  print(f"\n{config.noise.kind} noise, realised rate {run_data.realised_noise_rate:.3f}:\n"
-        + "\n".join(lines))
+  for method in methods:
+    best, last = summary[method]["best_test_accuracy"], summary[method]["last_test_accuracy"]
+    lines.append(f"{method:<15}{_mean_std(best):>24}{_mean_std(last):>22}")
+  header = (f"{config.noise.kind} noise {config.noise.rate}, seeds {summary['seeds']}, realised "
+            f"rates {' '.join(f'{r:.3f}' for r in summary['realised_noise_rate'])}:")
+  print("\n" + header + "\n" + "\n".join(lines))
   return results
+
+
+def _mean_std(values: list[float]) -> str:
+  if len(values) == 1:
+    return f"{values[0]:.4f}"
+  return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

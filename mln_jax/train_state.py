@@ -37,9 +37,10 @@ def adam_with_l2(learning_rate: float, weight_decay: float) -> optax.GradientTra
 
 
 def set_learning_rate(opt_state: optax.OptState, learning_rate: float) -> optax.OptState:
-  """Returns `opt_state` of `sgd_with_l2` with its learning rate replaced."""
+  """Returns `opt_state` of `sgd_with_l2` with its learning rate replaced (for every run, where the
+  state stacks several)."""
   hyperparams = dict(opt_state.hyperparams)
-  hyperparams["learning_rate"] = jnp.asarray(learning_rate, hyperparams["learning_rate"].dtype)
+  hyperparams["learning_rate"] = jnp.full_like(hyperparams["learning_rate"], learning_rate)
   return opt_state._replace(hyperparams=hyperparams)
 
 
