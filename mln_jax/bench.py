@@ -23,7 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mln_jax import config as config_lib, train
+from mln_jax import config as config_lib, steps, train
 from mln_jax.train_state import freeze_extractor
 
 TARGETS = {  # images/s or seconds, one H100, batch 128, float32 (issue 3)
@@ -38,6 +38,7 @@ flags.DEFINE_integer("steps", 100, "Steps per timed epoch.")
 flags.DEFINE_integer("repeats", 3, "Timed epochs per measurement (median reported).")
 flags.DEFINE_list("meta_gradients", ["autodiff", "jvp"], "Meta-gradient methods to measure.")
 flags.DEFINE_string("model", "cifar_cnn", "Model name (config.model.name).")
+flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "config.compute_dtype.")
 flags.DEFINE_string("data_dir", "", "CIFAR-10 pack: also time end-to-end epochs with evaluation.")
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
 flags.DEFINE_integer("concurrent_runs", 8, "Also measure this many runs in one program (0: skip).")
@@ -48,13 +49,13 @@ def _peak_memory_bytes() -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
-def measure_epoch(config: ml_collections.ConfigDict, kind: str, steps: int, repeats: int,
+def measure_epoch(config: ml_collections.ConfigDict, kind: str, num_steps: int, repeats: int,
                   num_runs: int | None = None) -> dict[str, float]:
   """Images/s of whole training epochs of `kind` over device-resident synthetic data; with
   `num_runs`, that many independent runs in one vmapped program (aggregate images/s)."""
   mesh = train.make_mesh()
   rng = np.random.default_rng(0)
-  num = steps * config.batch_size
+  num = num_steps * config.batch_size
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   put = lambda x: jax.device_put(x, replicated)
   per_run = (lambda x: np.stack([x] * num_runs)) if num_runs else (lambda x: x)
@@ -87,6 +88,19 @@ def measure_epoch(config: ml_collections.ConfigDict, kind: str, steps: int, repe
           "compile_and_first_epoch_overhead_s": max(first - steady, 0.0)}
 
 
+def step_flops(config: ml_collections.ConfigDict, kind: str) -> float | None:
+  """FLOPs of one step as XLA counts them for this device's compiled program (None if unknown)."""
+  model = train.build_model(config, 10)
+  state = freeze_extractor(train.new_state(config, model, (32, 32, 3), 10, jax.random.PRNGKey(0)))
+  batch = {"image": jax.ShapeDtypeStruct((config.batch_size, 32, 32, 3), np.float32),
+           "label": jax.ShapeDtypeStruct((config.batch_size,), np.int32)}
+  step, args = ((steps.warmup_step, (state, batch)) if kind == "cross_entropy"
+                else (steps.meta_step, (state, batch, batch)))
+  analysis = jax.jit(step).lower(*args).compile().cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, list) else analysis
+  return (analysis or {}).get("flops")
+
+
 def measure_cifar10_epochs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """End-to-end phase-1 and phase-2 epoch times (training + evaluation) on the real pack, and the
   protocol's wall time projected from them (data loading and noise generation not included)."""
@@ -102,28 +116,39 @@ def measure_cifar10_epochs(config: ml_collections.ConfigDict) -> dict[str, Any]:
           "projected_protocol_s": config.warmup_epochs * phase1 + phase2_epochs * phase2 + compile_s}
 
 
-def run_benchmark(batch_sizes: Sequence[int], steps: int, repeats: int,
+def _add_utilisation(row: dict[str, Any], flops: float | None) -> None:
+  """GFLOP per image and the achieved TFLOP/s: how far a step is from the device's peak."""
+  if flops:
+    row["gflop_per_image"] = flops / row["batch_size"] / 1e9
+    row["achieved_tflop_per_s"] = row["gflop_per_image"] * row["images_per_s"] / 1e3
+
+
+def run_benchmark(batch_sizes: Sequence[int], num_steps: int, repeats: int,
                   meta_gradients: Sequence[str], model: str = "cifar_cnn", data_dir: str = "",
-                  concurrent_runs: int = 0) -> dict[str, Any]:
+                  concurrent_runs: int = 0, compute_dtype: str = "float32") -> dict[str, Any]:
   base = config_lib.default_config()
   base.model.name = model
+  base.compute_dtype = compute_dtype
   report: dict[str, Any] = {
       "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
       "backend": jax.default_backend(), "jax_version": jax.__version__,
+      "compute_dtype": compute_dtype,
       "commit": train._git_commit(), "date": datetime.date.today().isoformat(),
-      "steps_per_epoch": steps, "targets_h100_batch128": TARGETS, "measurements": [],
+      "steps_per_epoch": num_steps, "targets_h100_batch128": TARGETS, "measurements": [],
   }
   for batch_size in batch_sizes:
     config = base.copy_and_resolve_references()
     config.batch_size = batch_size
     row = {"kind": "warmup", "batch_size": batch_size,
-           **measure_epoch(config, "cross_entropy", steps, repeats)}
+           **measure_epoch(config, "cross_entropy", num_steps, repeats)}
+    _add_utilisation(row, step_flops(config, "cross_entropy"))
     report["measurements"].append(row)
     logging.info("%s", row)
     for method in meta_gradients:
       config.mln.meta_gradient = method
       row = {"kind": f"meta/{method}", "batch_size": batch_size,
-             **measure_epoch(config, "metalabelnet", steps, repeats)}
+             **measure_epoch(config, "metalabelnet", num_steps, repeats)}
+      _add_utilisation(row, step_flops(config, "metalabelnet"))
       report["measurements"].append(row)
       logging.info("%s", row)
   if concurrent_runs:
@@ -132,7 +157,7 @@ def run_benchmark(batch_sizes: Sequence[int], steps: int, repeats: int,
     config.mln.meta_gradient = meta_gradients[0]
     for kind, name in (("cross_entropy", "warmup"), ("metalabelnet", f"meta/{meta_gradients[0]}")):
       row = {"kind": f"{name} x{concurrent_runs} runs", "batch_size": config.batch_size,
-             **measure_epoch(config, kind, steps, repeats, concurrent_runs)}
+             **measure_epoch(config, kind, num_steps, repeats, concurrent_runs)}
       report["measurements"].append(row)
       logging.info("%s", row)
   report["peak_memory_bytes"] = _peak_memory_bytes()
@@ -145,11 +170,14 @@ def run_benchmark(batch_sizes: Sequence[int], steps: int, repeats: int,
 
 def format_report(report: dict[str, Any]) -> str:
   lines = [f"{report['device']} ({report['backend']}), JAX {report['jax_version']}, "
-           f"commit {report['commit']}",
-           f"{'step':<24}{'batch':>6}{'images/s':>12}{'epoch s':>10}{'compile s':>11}"]
+           f"{report['compute_dtype']}, commit {report['commit']}",
+           f"{'step':<24}{'batch':>6}{'images/s':>12}{'epoch s':>10}{'compile s':>11}"
+           f"{'GFLOP/img':>11}{'TFLOP/s':>9}"]
   for row in report["measurements"]:
     lines.append(f"{row['kind']:<24}{row['batch_size']:>6}{row['images_per_s']:>12.0f}"
-                 f"{row['epoch_s']:>10.3f}{row['compile_and_first_epoch_overhead_s']:>11.2f}")
+                 f"{row['epoch_s']:>10.3f}{row['compile_and_first_epoch_overhead_s']:>11.2f}"
+                 f"{row.get('gflop_per_image', float('nan')):>11.2f}"
+                 f"{row.get('achieved_tflop_per_s', float('nan')):>9.2f}")
   lines.append(f"targets (H100, batch 128): meta step >= "
                f"{TARGETS['meta_step_images_per_s']} images/s, warm-up step >= "
                f"{TARGETS['warmup_step_images_per_s']} images/s, protocol <= "
@@ -162,7 +190,8 @@ def format_report(report: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
   del argv
   report = run_benchmark([int(b) for b in FLAGS.batch_sizes], FLAGS.steps, FLAGS.repeats,
-                         FLAGS.meta_gradients, FLAGS.model, FLAGS.data_dir, FLAGS.concurrent_runs)
+                         FLAGS.meta_gradients, FLAGS.model, FLAGS.data_dir, FLAGS.concurrent_runs,
+                         FLAGS.compute_dtype)
   print(format_report(report))
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:

@@ -82,6 +82,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Precision of float32 matmuls and convolutions (jax.default_matmul_precision): 'default' lets
   # GPUs use TF32 (as PyTorch's cuDNN convolutions do by default); 'highest' is full float32.
   config.matmul_precision = "default"
+  # Mixed precision: the classifier computes in this dtype; parameters, optimiser states, BatchNorm
+  # statistics, losses and MetaLabelNet stay float32.
+  config.compute_dtype = "float32"       # 'float32' | 'bfloat16'
   return config
 
 
@@ -127,6 +130,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(config.matmul_precision in ("default", "high", "highest"),
            f"config.matmul_precision={config.matmul_precision!r}: choose 'default', 'high' or "
            "'highest'.")
+  _require(config.compute_dtype in ("float32", "bfloat16"),
+           f"config.compute_dtype={config.compute_dtype!r}: choose 'float32' or 'bfloat16'.")
   _require(config.checkpoint_every_epochs > 0,
            f"config.checkpoint_every_epochs={config.checkpoint_every_epochs} must be positive.")
   _require(list(config.optim.lr_boundaries) == sorted(config.optim.lr_boundaries),

@@ -28,6 +28,11 @@ def _torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
   return init
 
 
+def _at_least_float32(x: jax.Array) -> jax.Array:
+  """bfloat16 -> float32; float32 and float64 (the exactness tests) unchanged."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 class BatchNorm(nn.Module):
   """PyTorch's BatchNorm over all axes but the last: normalises with the batch's biased variance
   (two-pass), while the running variance it keeps is the unbiased one; momentum 0.1, eps 1e-5.
@@ -39,9 +44,12 @@ class BatchNorm(nn.Module):
   use_running_average: bool
   momentum: float = 0.1
   epsilon: float = 1e-5
+  dtype: Any = None  # of the output (None: the input's); statistics are at least float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    out_dtype = self.dtype or x.dtype
+    x = _at_least_float32(x)
     features = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (features,))
     bias = self.param("bias", nn.initializers.zeros, (features,))
@@ -58,20 +66,21 @@ class BatchNorm(nn.Module):
         unbiased = var * count / max(count - 1, 1)
         running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
         running_var.value = (1 - self.momentum) * running_var.value + self.momentum * unbiased
-    return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    return ((x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(out_dtype)
 
 
-def _batch_norm(train: bool) -> BatchNorm:
-  return BatchNorm(use_running_average=not train)
+def _batch_norm(train: bool, dtype: Any) -> BatchNorm:
+  return BatchNorm(use_running_average=not train, dtype=dtype)
 
 
-def _conv(features: int, in_channels: int) -> nn.Conv:
+def _conv(features: int, in_channels: int, dtype: Any) -> nn.Conv:
   return nn.Conv(features, (3, 3), padding=1, kernel_init=_kaiming_normal_fan_out,
-                 bias_init=_torch_bias_init(in_channels * 9))
+                 bias_init=_torch_bias_init(in_channels * 9), dtype=dtype)
 
 
-def _dense(features: int, in_features: int) -> nn.Dense:
-  return nn.Dense(features, kernel_init=_torch_linear_kernel, bias_init=_torch_bias_init(in_features))
+def _dense(features: int, in_features: int, dtype: Any = None) -> nn.Dense:
+  return nn.Dense(features, kernel_init=_torch_linear_kernel, bias_init=_torch_bias_init(in_features),
+                  dtype=dtype)
 
 
 class ConvBNClassifier(nn.Module):
@@ -83,19 +92,21 @@ class ConvBNClassifier(nn.Module):
   num_classes: int
   blocks: Sequence[Sequence[int]] = ((64, 64), (128, 128), (196, 196))
   feature_dim: int = 256
+  dtype: Any = None  # compute dtype (None: that of inputs and parameters); parameters stay float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
     for block in self.blocks:
       for width in block:
-        x = _conv(width, x.shape[-1])(x)
-        x = nn.relu(_batch_norm(train)(x))
+        x = _conv(width, x.shape[-1], self.dtype)(x)
+        x = nn.relu(_batch_norm(train, self.dtype)(x))
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
-    x = _dense(self.feature_dim, x.shape[-1])(x)
-    features = nn.relu(_batch_norm(train)(x))
-    logits = _dense(self.num_classes, self.feature_dim)(features)
-    return logits, features
+    x = _dense(self.feature_dim, x.shape[-1], self.dtype)(x)
+    features = nn.relu(_batch_norm(train, self.dtype)(x))
+    logits = _dense(self.num_classes, self.feature_dim, self.dtype)(features)
+    # Losses, soft labels and MetaLabelNet work in (at least) float32 whatever the compute dtype.
+    return _at_least_float32(logits), _at_least_float32(features)
 
 
 CifarCNN = functools.partial(ConvBNClassifier, blocks=((64, 64), (128, 128), (196, 196)), feature_dim=256)
@@ -105,14 +116,16 @@ class MLPClassifier(nn.Module):
   """A BatchNorm-free multilayer perceptron on flattened images (a second architecture for tests)."""
   num_classes: int
   hidden: Sequence[int] = (64, 32)
+  dtype: Any = None  # compute dtype (None: that of inputs and parameters); parameters stay float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
     del train  # No BatchNorm or dropout: training and inference are the same function.
     x = x.reshape((x.shape[0], -1))
     for width in self.hidden:
-      x = nn.relu(_dense(width, x.shape[-1])(x))
-    return _dense(self.num_classes, x.shape[-1])(x), x
+      x = nn.relu(_dense(width, x.shape[-1], self.dtype)(x))
+    logits = _dense(self.num_classes, x.shape[-1], self.dtype)(x)
+    return _at_least_float32(logits), _at_least_float32(x)
 
 
 class MetaLabelNet(nn.Module):

@@ -293,12 +293,12 @@ def clean_model_probabilities(config: ml_collections.ConfigDict, dataset: data_l
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
-  kwargs = {}
+  kwargs = {"dtype": jnp.bfloat16 if config.compute_dtype == "bfloat16" else None}
   if config.model.name == "conv_bn":
-    kwargs = {"blocks": tuple(tuple(b) for b in config.model.blocks),
-              "feature_dim": config.model.feature_dim}
+    kwargs.update(blocks=tuple(tuple(b) for b in config.model.blocks),
+                  feature_dim=config.model.feature_dim)
   elif config.model.name == "mlp":
-    kwargs = {"hidden": tuple(config.model.hidden)}
+    kwargs.update(hidden=tuple(config.model.hidden))
   return models.create_model(config.model.name, num_classes, **kwargs)
 
 
@@ -570,6 +570,7 @@ def _train_and_evaluate_runs(configs: list[ml_collections.ConfigDict], workdir: 
         "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
         "jax_version": jax.__version__,
         "matmul_precision": config.matmul_precision,
+        "compute_dtype": config.compute_dtype,
         "commit": _git_commit(),
     }
     _write_json_atomically(os.path.join(run_dir, RESULTS_FILE), results)

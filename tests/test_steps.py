@@ -181,3 +181,21 @@ def test_multi_device_step_equals_single_device(step_name):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
   for name in single_metrics:
     np.testing.assert_allclose(single_metrics[name], multi_metrics[name], rtol=2e-5, atol=2e-6)
+
+
+def test_bfloat16_compute_keeps_float32_state_and_close_meta_gradient():
+  f32 = make_state(tiny_models()["conv_bn"])
+  bf16_model = models.ConvBNClassifier(num_classes=NUM_CLASSES, blocks=((4,),), feature_dim=6,
+                                       dtype=jnp.bfloat16)
+  bf16 = f32.replace(apply_fn=bf16_model.apply)
+  batch, meta_batch = make_batch(13, batch_size=16), make_batch(14, batch_size=16)
+  new_state, metrics = jax.jit(steps.meta_step)(bf16, batch, meta_batch)
+  assert all(np.isfinite(v) for v in metrics.values())
+  assert {x.dtype for x in jax.tree.leaves((new_state.params, new_state.batch_stats,
+                                            new_state.mln_params))} == {jnp.dtype(jnp.float32)}
+  gradient = lambda state: jnp.concatenate([g.ravel() for g in jax.tree.leaves(
+      steps.meta_gradient_autodiff(state, batch["image"], meta_batch, lambda phi: (
+          steps.soft_label_logits(state, phi, batch["image"])))[1])])
+  g32, g16 = gradient(f32), gradient(bf16)
+  cosine = jnp.vdot(g32, g16) / (jnp.linalg.norm(g32) * jnp.linalg.norm(g16))
+  assert cosine > 0.95, cosine

@@ -114,6 +114,12 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     np.testing.assert_array_equal(a, b)
 
 
+def test_bfloat16_run_learns(tmp_path):
+  results = train.train_and_evaluate(tiny(compute_dtype="bfloat16"), str(tmp_path))
+  assert results["compute_dtype"] == "bfloat16"
+  assert results["last"]["test_accuracy"] > 0.5
+
+
 def test_clean_model_probabilities_are_cross_fitted_and_informative():
   config = tiny(**{"noise.kind": "feature_dependent", "noise.probabilities": "clean_model",
                    "noise.teacher_epochs": 3})

@@ -1,0 +1,39 @@
+"""The Table I runner: one command per cell, and a report assembled from results files."""
+
+import importlib.util
+import json
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("table1", ROOT / "experiments" / "table1.py")
+table1 = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(table1)
+
+
+def test_plan_has_one_command_per_cell():
+  commands = table1.plan(seeds=3)
+  assert len(commands) == 16 and len(set(commands)) == 16
+  assert ("bash experiments/gpu/run.sh metalabelnet_feature_dependent_40 configs/cifar10.py "
+          "--config.noise.kind=feature_dependent --config.noise.rate=0.4 --config.num_runs=3"
+          in commands)
+  assert all("configs/cifar10_cross_entropy.py" in c for c in commands if "cross_entropy_" in c)
+
+
+def _fake_result(folder, method, kind, rate, seed, best, last):
+  folder.mkdir(parents=True)
+  (folder / "results.json").write_text(json.dumps({
+      "method": method, "seed": seed, "noise": {"kind": kind, "rate": rate, "realised_rate": rate},
+      "best": {"test_accuracy": best}, "last": {"test_accuracy": last}, "wall_time_s": 60.0,
+      "device": "TEST GPU x1", "jax_version": "0", "commit": "abc1234"}))
+
+
+def test_assemble_averages_seeds_and_marks_missing_cells(tmp_path):
+  runs = tmp_path / "runs"
+  _fake_result(runs / "a" / "run_0", "metalabelnet", "feature_dependent", 0.4, 0, 0.80, 0.79)
+  _fake_result(runs / "a" / "run_1", "metalabelnet", "feature_dependent", 0.4, 1, 0.82, 0.81)
+  path = table1.assemble([runs], "test", out=tmp_path / "out")
+  text = path.read_text()
+  assert "81.00±1.41 / 80.00±1.41 (80.42±0.51); n=2, realised 0.400" in text
+  assert "not run (82.55±0.80)" in text  # cross-entropy uniform 20% was not run
+  saved = json.loads((tmp_path / "out" / "table1.json").read_text())
+  assert saved["metalabelnet_feature_dependent_40"]["seeds"] == [0, 1]
