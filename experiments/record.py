@@ -43,7 +43,7 @@ def record(workdirs: list[pathlib.Path], name: str, command: str, note: str) -> 
       f"- noise: {first['noise']['kind']} {first['noise']['rate']}", "",
       "Times are those of the program a run was part of (runs trained together share one).", "",
       "| run | method | realised noise | test acc at best meta epoch | best epoch | last-epoch test acc "
-      "| train time (s) | wall time (s) |",
+      "| epochs time (s) | wall time (s) |",
       "|---|---|---|---|---|---|---|---|",
   ]
   by_method: dict[str, list[dict]] = {}
@@ -51,7 +51,7 @@ def record(workdirs: list[pathlib.Path], name: str, command: str, note: str) -> 
     by_method.setdefault(r["method"], []).append(r)
     lines.append(f"| {path} | {r['method']} | {r['noise']['realised_rate']:.4f} "
                  f"| {100 * r['best']['test_accuracy']:.2f} | {r['best']['epoch']} "
-                 f"| {100 * r['last']['test_accuracy']:.2f} | {r['train_time_s']:.1f} "
+                 f"| {100 * r['last']['test_accuracy']:.2f} | {r['epochs_time_s']:.1f} "
                  f"| {r['wall_time_s']:.1f} |")
   issues = [(path, r["label_issues"]) for path, r in runs.items() if r.get("label_issues")]
   if issues:

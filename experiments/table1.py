@@ -5,7 +5,8 @@ Two sub-commands:
 
   python experiments/table1.py plan [--seeds=3]
       prints one training command per (method, noise kind, rate) cell; each trains the cell's seeds
-      together (`--config.num_runs`) and fits one device call;
+      together (`--config.num_runs`), meant to fit one device call (600 s; not yet timed on a GPU:
+      run the benchmark first, and lower --seeds if its projection says otherwise);
   python experiments/table1.py assemble --results=DIR [--results=DIR ...] --command="..."
       reads every results.json under the given folders and writes experiments/results/table1.md and
       table1.json: mean ± std of test accuracy at the best meta epoch and at the last epoch, the

@@ -5,8 +5,8 @@ and (with the CIFAR-10 pack) end-to-end epoch times including evaluation.
 
 Throughput is measured on whole epochs of the training loop (`train.make_train_epoch`) over synthetic
 CIFAR-shaped uint8 data already on the device, after a first (compiling) call; the reported figure is
-the median of `--repeats` timed epochs. Speed targets (issue 3, one H100, batch 128) are printed beside
-the numbers; they are not asserted anywhere.
+the median of `--repeats` timed epochs. The project's speed targets (one H100, batch 128) are printed
+beside the numbers; they are not asserted anywhere.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 from mln_jax import config as config_lib, steps, train
 from mln_jax.train_state import freeze_extractor
 
-TARGETS = {  # images/s or seconds, one H100, batch 128, float32 (issue 3)
+TARGETS = {  # images/s or seconds, one H100, batch 128, float32
     "meta_step_images_per_s": 40_000,
     "warmup_step_images_per_s": 120_000,
     "full_protocol_wall_s": 120,
@@ -103,7 +103,8 @@ def step_flops(config: ml_collections.ConfigDict, kind: str) -> float | None:
 
 def measure_cifar10_epochs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """End-to-end phase-1 and phase-2 epoch times (training + evaluation) on the real pack, and the
-  protocol's wall time projected from them (data loading and noise generation not included)."""
+  protocol's wall time projected from them (data loading, noise generation and the per-epoch
+  checkpoint saves not included)."""
   short = config.copy_and_resolve_references()
   short.num_epochs, short.warmup_epochs = 4, 2
   with tempfile.TemporaryDirectory() as workdir:

@@ -10,9 +10,9 @@ from typing import Any
 
 import ml_collections
 
+from mln_jax.noise import NOISE_KINDS
+
 METHODS = ("metalabelnet", "cross_entropy", "both")
-NOISE_KINDS = ("none", "uniform", "feature_dependent", "class_dependent", "given")
-NOISE_PROBABILITIES = ("student", "clean_model")  # or a path to an (N, C) .npy file
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -39,17 +39,18 @@ def default_config() -> ml_collections.ConfigDict:
   config.noise.kind = "feature_dependent"
   config.noise.rate = 0.4
   # feature_dependent: class probabilities P. 'student': the pack's student_probs.npz (CIFAR-10, as
-  # the paper); 'clean_model': the classifier trained on clean labels (2-fold cross-fitted); or a
-  # path to an (N, C) .npy file in training order.
+  # the paper); 'clean_model': the classifier trained on clean labels (2-fold cross-fitted, constant
+  # optim.learning_rate); or a path to an (N, C) .npy file, or a student_probs-style .npz, in
+  # training order.
   config.noise.probabilities = "student"
   config.noise.teacher_epochs = 10       # epochs of each 'clean_model' fold
   config.noise.labels_path = ""          # given: .npy / .npz[:key] / .txt of N labels, training order
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "cifar_cnn"        # 'cifar_cnn' | 'conv_bn' | 'mlp'
-  config.model.blocks = ()               # conv_bn: widths per block, e.g. ((32, 32), (64,))
+  config.model.blocks = ()               # conv_bn (required): widths per block, e.g. ((32,), (64,))
   config.model.feature_dim = 256         # conv_bn: width of the feature layer
-  config.model.hidden = ()               # mlp: hidden widths
+  config.model.hidden = ()               # mlp (required): hidden widths, e.g. (64, 32)
 
   config.augment = ml_collections.ConfigDict()
   config.augment.pad = 4
@@ -80,7 +81,8 @@ def default_config() -> ml_collections.ConfigDict:
   # on CPU, where XLA's convolutions are slow inside loops); 'auto': 'host' on CPU, else 'scan'.
   config.epoch_loop = "auto"
   # Precision of float32 matmuls and convolutions (jax.default_matmul_precision): 'default' lets
-  # GPUs use TF32 (as PyTorch's cuDNN convolutions do by default); 'highest' is full float32.
+  # GPUs use TF32 (as PyTorch's cuDNN convolutions do by default); 'high' and 'highest' are more
+  # exact ('highest': full float32).
   config.matmul_precision = "default"
   # Mixed precision: the classifier computes in this dtype; parameters, optimiser states, BatchNorm
   # statistics, losses and MetaLabelNet stay float32.
@@ -130,6 +132,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(config.matmul_precision in ("default", "high", "highest"),
            f"config.matmul_precision={config.matmul_precision!r}: choose 'default', 'high' or "
            "'highest'.")
+  _require(config.model.name != "conv_bn" or len(config.model.blocks) > 0,
+           "config.model.blocks is empty: model 'conv_bn' needs its widths per block, e.g. "
+           "--config.model.blocks='((32,), (64,))'.")
+  _require(config.model.name != "mlp" or len(config.model.hidden) > 0,
+           "config.model.hidden is empty: model 'mlp' needs its hidden widths, e.g. "
+           "--config.model.hidden='(64, 32)'.")
   _require(config.compute_dtype in ("float32", "bfloat16"),
            f"config.compute_dtype={config.compute_dtype!r}: choose 'float32' or 'bfloat16'.")
   _require(config.checkpoint_every_epochs > 0,

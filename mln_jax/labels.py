@@ -57,8 +57,7 @@ def soft_label_agreement(argmax: np.ndarray, given: np.ndarray, clean: np.ndarra
 def write_soft_labels(path: str, given: np.ndarray, soft_labels: np.ndarray, clean: np.ndarray
                       ) -> None:
   """Saves, per training sample in original order: given label (−1 = none), soft label, its argmax,
-  the label-issue score, and the clean label (where the dataset knows it; for real noisy datasets it
-  is the given label)."""
+  the label-issue score, and the dataset's own label (the clean label for synthetic noise)."""
   np.savez(path, given_label=given.astype(np.int32), soft_label=soft_labels.astype(np.float32),
            soft_argmax=soft_labels.argmax(1).astype(np.int32),
            label_issue_score=label_issue_scores(given, soft_labels),

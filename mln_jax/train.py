@@ -1,8 +1,9 @@
 """The two-phase MetaLabelNet loop: warm-up, freeze the extractor, phase 2; evaluate after every epoch.
 
 Whole epochs run on the device: the dataset sits in device memory as uint8, shuffling and augmentation
-happen inside one jitted `lax.scan` per epoch, and the host only sees per-step metrics at the end of an
-epoch. Batches are sharded over all devices of a `Mesh` (global-batch semantics).
+happen on the device, and on GPU/TPU an epoch is one jitted `lax.scan` (on CPU, one jitted call per
+step; see `make_train_epoch`). Batches are sharded over all devices of a `Mesh` (global-batch
+semantics).
 """
 
 from __future__ import annotations
@@ -90,8 +91,8 @@ def make_train_epoch(config: ml_collections.ConfigDict, mesh: Mesh, kind: str,
   meta data and key have a leading run axis, the training images are shared, and metrics come back
   as (steps, runs). The epoch's order and augmentation keys come from `key` alone, so an epoch is
   reproducible. On accelerators the epoch is one jitted `lax.scan`; on CPU, XLA runs convolutions
-  inside a loop body some 30x slower than outside one, so there each step is its own jitted call
-  (config.epoch_loop).
+  inside a loop body far slower than outside one (see README), so there each step is its own jitted
+  call (config.epoch_loop).
   """
   if kind not in ("cross_entropy", "metalabelnet"):
     raise ValueError(f"Unknown epoch kind {kind!r}.")
@@ -195,10 +196,6 @@ def make_predict(mesh: Mesh, eval_batch_size: int, fn: Callable[[TrainState, jax
   return jax.jit(jax.vmap(predict_all, in_axes=(0, None if shared_images else 0)))
 
 
-def accuracy(logits: jax.Array, labels: np.ndarray) -> float:
-  return float(np.mean(np.asarray(jnp.argmax(logits, -1)) == labels))
-
-
 def _check_finite(metrics: dict[str, np.ndarray], epoch: int, phase: str, run: str) -> None:
   for name, values in metrics.items():
     bad = ~np.isfinite(values)
@@ -253,10 +250,12 @@ def noise_probabilities(config: ml_collections.ConfigDict, dataset: data_lib.Ima
     return noise_lib.student_probabilities(os.path.join(config.data.data_dir, "student_probs.npz"))
   if source == "clean_model":
     return clean_model_probabilities(config, dataset)
+  if source.endswith(".npz"):  # e.g. the pack's student_probs.npz beside another CIFAR-10 source
+    return noise_lib.student_probabilities(source)
   if not os.path.exists(source):
     raise FileNotFoundError(
         f"config.noise.probabilities={source!r} is neither 'student', 'clean_model' nor an "
-        f"existing .npy file.")
+        f"existing .npy or .npz file.")
   return np.load(source)
 
 
@@ -408,7 +407,11 @@ def _train_and_evaluate_runs(configs: list[ml_collections.ConfigDict], workdir: 
   results_paths = [os.path.join(d, RESULTS_FILE) for d in run_dirs]
   if all(os.path.exists(p) for p in results_paths):
     logging.info("%s is complete; returning its results.", workdir)
-    return [json.load(open(p)) for p in results_paths]
+    results = []
+    for path in results_paths:
+      with open(path) as f:
+        results.append(json.load(f))
+    return results
 
   start_time = time.time()
   if run_datas is None:
@@ -564,7 +567,9 @@ def _train_and_evaluate_runs(configs: list[ml_collections.ConfigDict], workdir: 
         "num_classes": run_data.num_classes,
         "checkpoint": {"dir": os.path.relpath(os.path.join(workdir, "checkpoints"), run_dir),
                        "run_index": index, "num_runs": num_runs},
-        "train_time_s": progress["elapsed_s"],
+        # Training, evaluation and soft-label passes over all epochs (across resumes); for runs
+        # trained together, those of the shared program.
+        "epochs_time_s": progress["elapsed_s"],
         "wall_time_s": time.time() - start_time,
         "concurrent_runs": num_runs,
         "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
@@ -644,7 +649,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[dict[
     results[method] = train_and_evaluate_runs(method_configs, method_dirs[method], run_datas)
   summary = {method: {"best_test_accuracy": [r["best"]["test_accuracy"] for r in runs],
                       "last_test_accuracy": [r["last"]["test_accuracy"] for r in runs],
-                      "train_time_s": runs[0]["train_time_s"]}
+                      "epochs_time_s": runs[0]["epochs_time_s"]}
              for method, runs in results.items()}
   summary["seeds"] = [c.seed for c in configs]
   summary["realised_noise_rate"] = [r["noise"]["realised_rate"] for r in results[methods[0]]]

@@ -157,6 +157,7 @@ def test_unknown_config_key_is_rejected(tmp_path):
     ({"warmup_epochs": 4}, ValueError, "warmup_epochs=4"),
     ({"batch_size": 5000}, ValueError, "batch_size=5000 is larger than the data"),
     ({"batch_size": 30}, ValueError, "divisible by the number of devices"),
+    ({"model.blocks": ()}, ValueError, "model 'conv_bn' needs its widths"),
     ({"data.name": "cifar10", "data.data_dir": ""}, FileNotFoundError, "data_dir"),
     ({"data.name": "cifar10", "data.data_dir": "/nonexistent/cifar"}, FileNotFoundError,
      "/nonexistent/cifar"),
@@ -233,24 +234,33 @@ def test_cifar10_pack_trains_a_few_steps(tmp_path, cifar10_pack):
   assert 0.0 <= results["last"]["test_accuracy"] <= 1.0
 
 
+@pytest.mark.parametrize("num_runs", [None, 2])
 @pytest.mark.parametrize("kind", ["cross_entropy", "metalabelnet"])
-def test_scanned_epoch_equals_host_loop_epoch(kind):
-  """The accelerator path (one lax.scan) and the CPU path (a jitted call per step) agree."""
+def test_scanned_epoch_equals_host_loop_epoch(kind, num_runs):
+  """The accelerator path (one lax.scan) and the CPU path (a jitted call per step) agree, for one
+  state and for runs trained together (the loop's GPU path is scan with runs)."""
   results = {}
+  runs = num_runs or 1
   for loop in ("scan", "host"):
     config = tiny(epoch_loop=loop)
     run_data = train.prepare_data(config)
     mesh = train.make_mesh()
-    state = train.new_state(config, train.build_model(config, 10), (8, 8, 1), 10,
-                            jax.random.PRNGKey(0))
-    data = (run_data.train_images, run_data.train_labels,
-            np.arange(len(run_data.train_labels), dtype=np.int32))
+    make_state = lambda key: train.new_state(config, train.build_model(config, 10), (8, 8, 1), 10,
+                                             key)
+    keys = jax.random.split(jax.random.PRNGKey(0), runs)
+    state = jax.vmap(make_state)(keys) if num_runs else make_state(keys[0])
+    per_run = (lambda x: np.stack([x] * runs)) if num_runs else (lambda x: x)
+    # 10 steps: long enough to cover order, keys and state threading, short enough that float
+    # rounding (which differs between the two programs) stays small.
+    data = (run_data.train_images, per_run(run_data.train_labels),
+            per_run(np.arange(320, dtype=np.int32)))
     if kind == "metalabelnet":
-      data += (run_data.meta_images, run_data.meta_labels)
-    results[loop] = train.make_train_epoch(config, mesh, kind)(state, *data,
-                                                               jax.random.PRNGKey(3))
+      data += (per_run(run_data.meta_images), per_run(run_data.meta_labels))
+    key = jax.random.split(jax.random.PRNGKey(3), runs) if num_runs else jax.random.PRNGKey(3)
+    results[loop] = train.make_train_epoch(config, mesh, kind, num_runs)(state, *data, key)
   (scan_state, scan_metrics), (host_state, host_metrics) = results["scan"], results["host"]
-  assert scan_metrics["loss"].shape == host_metrics["loss"].shape == (1497 // 32,)
+  expected_shape = (10, num_runs) if num_runs else (10,)
+  assert scan_metrics["loss"].shape == host_metrics["loss"].shape == expected_shape
   np.testing.assert_allclose(scan_metrics["loss"], host_metrics["loss"], rtol=1e-4, atol=1e-5)
   for a, b in zip(jax.tree.leaves(scan_state), jax.tree.leaves(host_state)):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The benchmark on the lent GPU machine (see experiments/gpu/README.md): installs the carried
+# ml_collections wheel, then runs mln_jax.bench on synthetic data and the carried CIFAR-10 pack.
+#   bash experiments/gpu/bench.sh NAME [--compute_dtype=bfloat16 ...]
+set -euo pipefail
+name=$1; shift
+out=${OUT:-/tmp/out}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -m mln_jax.bench --out="$out/$name.json" --data_dir=.data/cifar10 "$@" 2>&1 \
+  | grep -v "^W0000\|^I0000" | tee "$out/$name.log"
