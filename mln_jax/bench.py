@@ -56,8 +56,7 @@ def measure_epoch(config: ml_collections.ConfigDict, kind: str, num_steps: int, 
   mesh = train.make_mesh()
   rng = np.random.default_rng(0)
   num = num_steps * config.batch_size
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  put = lambda x: jax.device_put(x, replicated)
+  put = lambda x: train.replicate(mesh, x)
   per_run = (lambda x: np.stack([x] * num_runs)) if num_runs else (lambda x: x)
   images = rng.integers(0, 256, (num, 32, 32, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, num).astype(np.int32)

@@ -55,6 +55,11 @@ def make_mesh() -> Mesh:
   return Mesh(np.array(jax.devices()), ("data",))
 
 
+def replicate(mesh: Mesh, tree: Any) -> Any:
+  """`tree` (arrays, a train state) put on every device of `mesh` in full."""
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
 def _augment_fn(config: ml_collections.ConfigDict) -> Callable[[jax.Array, jax.Array], jax.Array]:
   def fn(key, images):
     return augment.normalise(augment.random_crop_flip(
@@ -271,17 +276,16 @@ def clean_model_probabilities(config: ml_collections.ConfigDict, dataset: data_l
   epoch_fn = make_train_epoch(config, mesh, "cross_entropy")
   predict = make_predict(mesh, config.eval_batch_size,
                          lambda s, x: jax.nn.softmax(steps.predict(s, x)))
-  replicated = NamedSharding(mesh, P())
-  images = jax.device_put(dataset.train_images, replicated)
-  labels = jax.device_put(dataset.train_labels.astype(np.int32), replicated)
+  images = replicate(mesh, dataset.train_images)
+  labels = replicate(mesh, dataset.train_labels.astype(np.int32))
   folds = [np.sort(fold).astype(np.int32) for fold in
            np.array_split(np.random.default_rng(config.seed).permutation(len(labels)), 2)]
   probabilities = np.zeros((len(labels), dataset.num_classes), np.float32)
   for fold, (held_out, trained_on) in enumerate([(folds[0], folds[1]), (folds[1], folds[0])]):
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1000 + fold)
-    state = jax.device_put(new_state(config, model, dataset.train_images.shape[1:],
-                                     dataset.num_classes, key), replicated)
-    indices = jax.device_put(trained_on, replicated)
+    state = replicate(mesh, new_state(config, model, dataset.train_images.shape[1:],
+                                      dataset.num_classes, key))
+    indices = replicate(mesh, trained_on)
     for epoch in range(config.noise.teacher_epochs):
       state, _ = epoch_fn(state, images, labels, indices, jax.random.fold_in(state.rng, epoch))
     probabilities[held_out] = np.asarray(predict(state, images[held_out]))
@@ -351,9 +355,11 @@ _PER_RUN_KEYS = ("seed", "noise")
 def _check_runs_compatible(configs: list[ml_collections.ConfigDict]) -> None:
   shared = lambda c: {k: v for k, v in json.loads(c.to_json_best_effort()).items()
                       if k not in _PER_RUN_KEYS}
+  first = shared(configs[0])
   for index, config in enumerate(configs[1:], 1):
-    if shared(config) != shared(configs[0]):
-      differing = sorted(k for k in shared(config) if shared(config)[k] != shared(configs[0])[k])
+    settings = shared(config)
+    if settings != first:
+      differing = sorted(k for k in settings if settings[k] != first.get(k))
       raise ValueError(f"Runs trained together may differ only in {_PER_RUN_KEYS}; run {index} "
                        f"also differs in {differing}.")
 
@@ -431,8 +437,7 @@ def _train_and_evaluate_runs(configs: list[ml_collections.ConfigDict], workdir: 
   if config.batch_size % mesh.size:
     raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the number of "
                      f"devices ({mesh.size}).")
-  replicated = NamedSharding(mesh, P())
-  put = lambda x: jax.device_put(x, replicated)
+  put = lambda x: replicate(mesh, x)
   stacked = lambda field: put(np.stack([getattr(d, field) for d in run_datas]))
   images = put(first.train_images)  # Shared by all runs: one copy on the device.
   labels, meta_images, meta_labels = (stacked("train_labels"), stacked("meta_images"),
@@ -615,9 +620,8 @@ def load_trained_state(workdir: str) -> tuple[TrainState, ml_collections.ConfigD
 def soft_labels_for(state: TrainState, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
   """MetaLabelNet's soft labels for uint8 NHWC images (new, unlabelled or training images)."""
   mesh = make_mesh()
-  replicated = NamedSharding(mesh, P())
   predict = make_predict(mesh, batch_size, steps.predict_soft_labels)
-  return np.asarray(predict(jax.device_put(state, replicated), jax.device_put(images, replicated)))
+  return np.asarray(predict(replicate(mesh, state), replicate(mesh, images)))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[dict[str, Any]]]:
