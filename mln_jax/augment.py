@@ -31,3 +31,15 @@ def random_crop_flip(key: jax.Array, images: jax.Array, *, pad: int, hflip: bool
 def normalise(images: jax.Array) -> jax.Array:
   """uint8 pixels to float32 in [-1, 1]: (x/255 − 0.5)/0.5, the paper's CIFAR-10 normalisation."""
   return (images.astype(jnp.float32) / 255.0 - 0.5) / 0.5
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalise_imagenet(images: jax.Array) -> jax.Array:
+  """uint8 pixels to float32 with ImageNet's mean and standard deviation (torchvision's convention),
+  for the ImageNet-style models of the streamed datasets."""
+  mean = jnp.asarray(IMAGENET_MEAN, jnp.float32) * 255.0
+  std = jnp.asarray(IMAGENET_STD, jnp.float32) * 255.0
+  return (images.astype(jnp.float32) - mean) / std

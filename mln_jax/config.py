@@ -13,6 +13,9 @@ import ml_collections
 from mln_jax.noise import NOISE_KINDS
 
 METHODS = ("metalabelnet", "cross_entropy", "both")
+IN_MEMORY_DATASETS = ("cifar10", "digits")
+# Too large for device memory: streamed from disk by tf.data (mln_jax.train_stream).
+STREAMED_DATASETS = ("clothing1m", "webvision", "image_folder")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -27,13 +30,25 @@ def default_config() -> ml_collections.ConfigDict:
   config.num_runs = 1
 
   config.data = ml_collections.ConfigDict()
-  config.data.name = "cifar10"           # 'cifar10' | 'digits'
+  # In memory: 'cifar10' | 'digits'. Streamed from disk: 'clothing1m' | 'webvision' | 'image_folder'.
+  config.data.name = "cifar10"
   config.data.source = "pack"            # cifar10: 'pack' (the JPEG .npz pack) | 'python'
-  config.data.data_dir = ""              # cifar10: the pack or `cifar-10-batches-py` folder
-  config.data.num_meta = 5000            # meta-data drawn from the held-out pool; the rest is test
+  config.data.data_dir = ""              # the dataset's folder (cifar10: the pack or python folder)
+  # Meta-data size. cifar10, digits, webvision: drawn from the held-out pool, the rest is test;
+  # clothing1m, image_folder: a subset of the clean meta set (0: all of it).
+  config.data.num_meta = 5000
   config.data.num_unlabelled = 0         # training samples whose labels are dropped (phase 2 only)
   config.data.num_heldout = 0            # digits: size of the held-out (meta + test) pool
   config.data.split_seed = 0             # digits: which samples are held out
+  # Streamed datasets: shorter side resized to resize_size, centre crop of image_size.
+  config.data.resize_size = 0
+  config.data.image_size = 0
+  # 'square' (resize_size × resize_size, the paper's words) | 'shorter_side' (aspect kept, as
+  # torchvision's Resize(int)).
+  config.data.resize_mode = "square"
+  config.data.num_classes = 0            # webvision: the first num_classes classes (paper: 50)
+  config.data.imagenet_val_dir = ""      # webvision: ILSVRC12 val images in <synset>/ folders
+  config.data.train_list = ""            # image_folder: `path label` lines instead of train/
 
   config.noise = ml_collections.ConfigDict()
   config.noise.kind = "feature_dependent"
@@ -47,10 +62,18 @@ def default_config() -> ml_collections.ConfigDict:
   config.noise.labels_path = ""          # given: .npy / .npz[:key] / .txt of N labels, training order
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = "cifar_cnn"        # 'cifar_cnn' | 'conv_bn' | 'mlp'
+  # 'cifar_cnn' | 'conv_bn' | 'mlp' | 'resnet50' | 'resnet' (any depth) | 'inception_resnet_v2'
+  config.model.name = "cifar_cnn"
   config.model.blocks = ()               # conv_bn (required): widths per block, e.g. ((32,), (64,))
   config.model.feature_dim = 256         # conv_bn: width of the feature layer
   config.model.hidden = ()               # mlp (required): hidden widths, e.g. (64, 32)
+  # resnet: bottleneck blocks per stage ((3, 4, 23, 3): ResNet-101, (3, 8, 36, 3): ResNet-152)
+  # and the first stage's width.
+  config.model.stage_sizes = (3, 4, 6, 3)
+  config.model.num_filters = 64
+  # resnet50 / resnet: a torchvision ResNet state dict (.pth, or .npz of its arrays) to start from;
+  # a classifier head of another size is left freshly initialised.
+  config.model.pretrained = ""
 
   config.augment = ml_collections.ConfigDict()
   config.augment.pad = 4
@@ -76,7 +99,11 @@ def default_config() -> ml_collections.ConfigDict:
   config.mln.inner_lr = 1.0              # α of the inner SGD step (reference: 1)
   config.mln.meta_gradient = "autodiff"  # 'autodiff' (jax.grad through optax) | 'jvp' (closed form)
 
-  config.checkpoint_every_epochs = 1
+  config.checkpoint_every_epochs = 1     # in-memory datasets
+  # Streamed datasets: a checkpoint every so many steps (0: at epoch ends only) and a progress line
+  # every log_every_steps steps (checkpoint_every_steps must be a multiple of it).
+  config.checkpoint_every_steps = 0
+  config.log_every_steps = 100
   # 'scan': an epoch is one jitted lax.scan (fast on GPU/TPU); 'host': one jitted call per step (fast
   # on CPU, where XLA's convolutions are slow inside loops); 'auto': 'host' on CPU, else 'scan'.
   config.epoch_loop = "auto"
@@ -87,6 +114,31 @@ def default_config() -> ml_collections.ConfigDict:
   # Mixed precision: the classifier computes in this dtype; parameters, optimiser states, BatchNorm
   # statistics, losses and MetaLabelNet stay float32.
   config.compute_dtype = "float32"       # 'float32' | 'bfloat16'
+  return config
+
+
+def streamed_config() -> ml_collections.ConfigDict:
+  """The defaults of the streamed real-world datasets: the paper's Clothing1M protocol (fine-tuning
+  an ImageNet ResNet-50) minus the dataset. configs/clothing1m.py, webvision.py and image_folder.py
+  start from it."""
+  config = default_config()
+  config.noise.kind = "none"             # the datasets' own labels are the (real) noisy labels
+  config.data.num_meta = 0               # all of the clean meta set
+  config.data.resize_size = 256
+  config.data.image_size = 224
+  config.model.name = "resnet50"
+  config.augment.pad = 0                 # pad-crop and vertical flips are CIFAR-10's augmentation
+  config.augment.vflip = False
+  config.augment.hflip = True
+  config.batch_size = 32
+  config.eval_batch_size = 250
+  config.num_epochs = 10
+  config.warmup_epochs = 1
+  config.optim.learning_rate = 1e-3
+  config.optim.lr_boundaries = (5,)
+  config.mln.learning_rate = 1e-3
+  config.checkpoint_every_steps = 2000   # a preempted run loses at most this many steps
+  config.log_every_steps = 100
   return config
 
 
@@ -144,6 +196,38 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
            f"config.checkpoint_every_epochs={config.checkpoint_every_epochs} must be positive.")
   _require(list(config.optim.lr_boundaries) == sorted(config.optim.lr_boundaries),
            f"config.optim.lr_boundaries={config.optim.lr_boundaries} must be increasing.")
+  datasets = IN_MEMORY_DATASETS + STREAMED_DATASETS
+  _require(config.data.name in datasets,
+           f"config.data.name={config.data.name!r}: choose one of {datasets}.")
+  _require(not config.model.pretrained or config.model.name in ("resnet50", "resnet"),
+           f"config.model.pretrained is set, but loads torchvision ResNet weights only (model "
+           f"{config.model.name!r}); use --config.model.name=resnet50 or leave it empty.")
+  if config.data.name in STREAMED_DATASETS:
+    _validate_streamed(config)
+
+
+def _validate_streamed(config: ml_collections.ConfigDict) -> None:
+  name = config.data.name
+  _require(config.noise.kind == "none",
+           f"config.noise.kind={config.noise.kind!r}: {name} trains on its own (really noisy) "
+           "labels; set --config.noise.kind=none (synthetic noise is for cifar10 and digits).")
+  _require(config.num_runs == 1, f"config.num_runs={config.num_runs}: runs on {name} stream from "
+           "disk one at a time; start one job per seed.")
+  _require(0 < config.data.image_size <= config.data.resize_size,
+           f"config.data.image_size={config.data.image_size}, resize_size="
+           f"{config.data.resize_size}: {name} needs 0 < image_size <= resize_size (the paper: "
+           "224 and 256 for Clothing1M, 299 and 320 for WebVision).")
+  _require(config.data.resize_mode in ("square", "shorter_side"),
+           f"config.data.resize_mode={config.data.resize_mode!r}: choose 'square' or "
+           "'shorter_side'.")
+  _require(name != "webvision" or config.data.num_classes > 0,
+           "config.data.num_classes must be positive for webvision (the paper: 50).")
+  _require(config.log_every_steps > 0,
+           f"config.log_every_steps={config.log_every_steps} must be positive.")
+  _require(config.checkpoint_every_steps >= 0
+           and config.checkpoint_every_steps % config.log_every_steps == 0,
+           f"config.checkpoint_every_steps={config.checkpoint_every_steps} must be 0 or a multiple "
+           f"of config.log_every_steps={config.log_every_steps}.")
 
 
 def learning_rate_at(config: ml_collections.ConfigDict, epoch: int) -> float:

@@ -141,13 +141,24 @@ class MetaLabelNet(nn.Module):
     return _dense(self.num_classes, features.shape[-1])(features)
 
 
+MODEL_NAMES = ("cifar_cnn", "conv_bn", "mlp", "resnet50", "resnet", "inception_resnet_v2")
+
+
 def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-  """Builds a classifier by name: 'cifar_cnn' (the paper's), 'conv_bn' (configurable blocks) or 'mlp'."""
+  """Builds a classifier by name (MODEL_NAMES): the paper's CIFAR CNN, a configurable conv-BN CNN, an
+  MLP, ResNet-50 (Clothing1M), a ResNet of any depth, or Inception-ResNet-v2 (WebVision)."""
+  # The large models import this module (BatchNorm), so they are imported here, not at the top.
   if name == "cifar_cnn":
     return CifarCNN(num_classes=num_classes, **kwargs)
   if name == "conv_bn":
     return ConvBNClassifier(num_classes=num_classes, **kwargs)
   if name == "mlp":
     return MLPClassifier(num_classes=num_classes, **kwargs)
-  raise ValueError(f"Unknown model {name!r}: choose one of 'cifar_cnn', 'conv_bn', 'mlp' "
-                   "(--config.model.name=...).")
+  if name in ("resnet50", "resnet"):
+    from mln_jax import resnet
+    return (resnet.ResNet50 if name == "resnet50" else resnet.ResNet)(num_classes=num_classes,
+                                                                      **kwargs)
+  if name == "inception_resnet_v2":
+    from mln_jax import inception_resnet
+    return inception_resnet.InceptionResNetV2(num_classes=num_classes, **kwargs)
+  raise ValueError(f"Unknown model {name!r}: choose one of {MODEL_NAMES} (--config.model.name=...).")

@@ -302,6 +302,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
                   feature_dim=config.model.feature_dim)
   elif config.model.name == "mlp":
     kwargs.update(hidden=tuple(config.model.hidden))
+  elif config.model.name == "resnet":
+    kwargs.update(stage_sizes=tuple(config.model.stage_sizes), num_filters=config.model.num_filters)
   return models.create_model(config.model.name, num_classes, **kwargs)
 
 
@@ -326,14 +328,30 @@ def _git_commit() -> str:
     return "unknown"
 
 
-def _write_json_atomically(path: str, payload: Any) -> None:
+def write_json_atomically(path: str, payload: Any) -> None:
+  """Writes JSON so that a reader never sees a half-written file."""
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(payload, f, indent=2)
   os.replace(tmp, path)
 
 
-def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+def read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def run_environment(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What a result was computed on and with: device, JAX version, precision settings, commit."""
+  return {"device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
+          "processes": jax.process_count(),
+          "jax_version": jax.__version__,
+          "matmul_precision": config.matmul_precision,
+          "compute_dtype": config.compute_dtype,
+          "commit": _git_commit()}
+
+
+def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """A workdir belongs to one config: resuming with another would silently mix two runs."""
   path = os.path.join(workdir, "config.json")
   current = json.loads(config.to_json_best_effort())
@@ -345,7 +363,7 @@ def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> No
       raise ValueError(f"{workdir} holds a run with a different config (differs in: "
                        f"{', '.join(changed)}). Resume with the same config or use a new --workdir.")
   else:
-    _write_json_atomically(path, current)
+    write_json_atomically(path, current)
 
 
 # Keys in which runs that share one program (one vmapped state) may differ.
@@ -409,15 +427,11 @@ def _train_and_evaluate_runs(configs: list[ml_collections.ConfigDict], workdir: 
   run_dirs = _run_dirs(workdir, num_runs)
   for run_dir, run_config in zip(run_dirs, configs):
     os.makedirs(run_dir, exist_ok=True)
-    _check_workdir_config(run_dir, run_config)
+    check_workdir_config(run_dir, run_config)
   results_paths = [os.path.join(d, RESULTS_FILE) for d in run_dirs]
   if all(os.path.exists(p) for p in results_paths):
     logging.info("%s is complete; returning its results.", workdir)
-    results = []
-    for path in results_paths:
-      with open(path) as f:
-        results.append(json.load(f))
-    return results
+    return [read_json(path) for path in results_paths]
 
   start_time = time.time()
   if run_datas is None:
@@ -577,13 +591,9 @@ def _train_and_evaluate_runs(configs: list[ml_collections.ConfigDict], workdir: 
         "epochs_time_s": progress["elapsed_s"],
         "wall_time_s": time.time() - start_time,
         "concurrent_runs": num_runs,
-        "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
-        "jax_version": jax.__version__,
-        "matmul_precision": config.matmul_precision,
-        "compute_dtype": config.compute_dtype,
-        "commit": _git_commit(),
+        **run_environment(config),
     }
-    _write_json_atomically(os.path.join(run_dir, RESULTS_FILE), results)
+    write_json_atomically(os.path.join(run_dir, RESULTS_FILE), results)
     logging.info("%s %s done: test accuracy %.4f at the best meta epoch %d, %.4f at the last "
                  "epoch; label issues %s.", config.method, run_dir, results["best"]["test_accuracy"],
                  results["best"]["epoch"], results["last"]["test_accuracy"], label_issues)
@@ -636,10 +646,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[dict[
     run_config.seed = config.seed + offset
     configs.append(run_config)
   method_dirs = {m: workdir if len(methods) == 1 else os.path.join(workdir, m) for m in methods}
+  streamed = config.data.name in config_lib.STREAMED_DATASETS
+  if jax.process_count() > 1 and not streamed:
+    raise ValueError(f"{config.data.name} is held in device memory and trains in one process; "
+                     "multi-process runs (--multihost) are for the streamed datasets.")
   finished = all(os.path.exists(os.path.join(d, RESULTS_FILE))
                  for m in methods for d in _run_dirs(method_dirs[m], len(configs)))
   run_datas = None
-  if not finished:  # Noise with 'clean_model' trains teachers: not for a finished workdir.
+  if not finished and not streamed:  # Noise with 'clean_model' trains teachers: not when finished.
     with jax.default_matmul_precision(config.matmul_precision):
       dataset = data_lib.load_dataset(config.data)
       run_datas = [prepare_data(c, dataset) for c in configs]
@@ -650,20 +664,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[dict[
       method_config = run_config.copy_and_resolve_references()
       method_config.method = method
       method_configs.append(method_config)
-    results[method] = train_and_evaluate_runs(method_configs, method_dirs[method], run_datas)
+    if streamed:
+      from mln_jax import train_stream  # needs TensorFlow (tf.data)
+      results[method] = [train_stream.train_and_evaluate_stream(method_configs[0],
+                                                                method_dirs[method])]
+    else:
+      results[method] = train_and_evaluate_runs(method_configs, method_dirs[method], run_datas)
   summary = {method: {"best_test_accuracy": [r["best"]["test_accuracy"] for r in runs],
                       "last_test_accuracy": [r["last"]["test_accuracy"] for r in runs],
                       "epochs_time_s": runs[0]["epochs_time_s"]}
              for method, runs in results.items()}
   summary["seeds"] = [c.seed for c in configs]
   summary["realised_noise_rate"] = [r["noise"]["realised_rate"] for r in results[methods[0]]]
-  _write_json_atomically(os.path.join(workdir, "comparison.json"), summary)
+  write_json_atomically(os.path.join(workdir, "comparison.json"), summary)
   lines = [f"{'method':<15}{'best-by-meta test acc':>24}{'last-epoch test acc':>22}"]
   for method in methods:
     best, last = summary[method]["best_test_accuracy"], summary[method]["last_test_accuracy"]
     lines.append(f"{method:<15}{_mean_std(best):>24}{_mean_std(last):>22}")
-  header = (f"{config.noise.kind} noise {config.noise.rate}, seeds {summary['seeds']}, realised "
-            f"rates {' '.join(f'{r:.3f}' for r in summary['realised_noise_rate'])}:")
+  rates = " ".join("unknown" if r is None else f"{r:.3f}" for r in summary["realised_noise_rate"])
+  noise = ("the dataset's own noisy labels" if streamed
+           else f"{config.noise.kind} noise {config.noise.rate}")
+  header = f"{config.data.name}, {noise}, seeds {summary['seeds']}, realised noise rates {rates}:"
   print("\n" + header + "\n" + "\n".join(lines))
   return results
 

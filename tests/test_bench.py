@@ -2,10 +2,13 @@
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
-from mln_jax import bench
+from mln_jax import bench, config as config_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_benchmark_reports_every_measurement():
@@ -33,3 +36,34 @@ def test_benchmark_cli_writes_json(tmp_path):
   assert completed.returncode == 0, completed.stderr[-2000:]
   report = json.loads(out.read_text())
   assert report["backend"] == "cpu" and len(report["measurements"]) == 2
+
+
+def test_streamed_benchmark_times_the_configs_steps_on_synthetic_inputs():
+  config = config_lib.streamed_config()
+  config.data.name, config.data.num_classes = "webvision", 7
+  config.data.resize_size, config.data.image_size = 20, 16
+  config.model.name, config.model.hidden = "mlp", (16,)
+  config.batch_size = 8
+  report = bench.run_benchmark([], num_steps=2, repeats=1, meta_gradients=["autodiff"],
+                               streamed_config=config)
+  assert (report["protocol"], report["image_size"], report["num_classes"]) == ("webvision", 16, 7)
+  assert [(r["kind"], r["batch_size"]) for r in report["measurements"]] == [
+      ("warmup", 8), ("meta/autodiff", 8)]
+  warmup, meta = report["measurements"]
+  assert meta["gflop_per_image"] > 2 * warmup["gflop_per_image"] > 0
+  assert "webvision steps (mlp, 16px, synthetic inputs)" in bench.format_report(report)
+  assert "targets" not in bench.format_report(report)  # CIFAR-10's targets do not apply
+
+
+def test_streamed_benchmark_cli_reads_a_config_file(tmp_path):
+  out = tmp_path / "bench.json"
+  completed = subprocess.run(
+      [sys.executable, "-m", "mln_jax.bench", "--streamed_config=configs/clothing1m.py",
+       "--streamed_config.model.name=mlp", "--streamed_config.model.hidden=(8,)",
+       "--streamed_config.data.image_size=8", "--streamed_config.data.resize_size=8",
+       "--steps=2", "--repeats=1", "--meta_gradients=jvp", f"--out={out}"],
+      capture_output=True, text=True, timeout=300, cwd=REPO,
+      env={**os.environ, "XLA_FLAGS": ""})
+  assert completed.returncode == 0, completed.stderr[-2000:]
+  report = json.loads(out.read_text())
+  assert report["num_classes"] == 14 and report["measurements"][0]["batch_size"] == 32

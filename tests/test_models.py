@@ -46,5 +46,5 @@ def test_metalabelnet_is_one_linear_layer():
 
 
 def test_unknown_model_name_is_rejected():
-  with pytest.raises(ValueError, match="Unknown model 'resnet'"):
-    models.create_model("resnet", 10)
+  with pytest.raises(ValueError, match="Unknown model 'vgg16': choose one of .*'resnet50'"):
+    models.create_model("vgg16", 10)

@@ -19,14 +19,7 @@ import tiny_config  # noqa: E402
 
 
 def tiny(**overrides):
-  config = tiny_config.get_config()
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
-  return config
+  return tiny_config.with_overrides(tiny_config.get_config(), **overrides)
 
 
 def test_cli_runs_both_methods_and_writes_results(tmp_path):

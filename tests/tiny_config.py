@@ -24,3 +24,14 @@ def get_config():
   config.optim.learning_rate = 0.05
   config.optim.lr_boundaries = (3,)
   return config
+
+
+def with_overrides(config, **overrides):
+  """`config` with dotted keys set, e.g. `with_overrides(c, **{"data.num_meta": 10})`."""
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config

@@ -1,0 +1,284 @@
+"""Image lists of the large noisy datasets, read from the layouts their authors distribute.
+
+A dataset that does not fit in device memory is described by lists of (image file, label) pairs; the
+tf.data pipeline in `input_pipeline` streams them from disk. Reading a layout needs no TensorFlow,
+checks every list file and a sample of the images, and names the first missing file and what the
+layout should look like.
+
+Layouts (SPEC, "On-disk formats"):
+- Clothing1M: `images/…`, `noisy_label_kv.txt` and `clean_label_kv.txt` (`images/a/b/c.jpg <label>`),
+  `noisy_train_key_list.txt`, `clean_val_key_list.txt`, `clean_test_key_list.txt` (a path a line).
+- WebVision 1.0: `info/train_filelist_google.txt` (`google/q0001/x.jpg <label>`),
+  `info/val_filelist.txt` (`x.jpg <label>`, images under `val_images/`), `info/synsets.txt`; optionally
+  the ILSVRC12 validation images sorted into one folder per synset (`<imagenet_val_dir>/n01440764/…`).
+- image_folder (bring your own): `train/<class>/…` or a `train_list` file (`path <label>`, paths
+  relative to the root), and clean `meta/<class>/…` and `test/<class>/…`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from mln_jax import data as data_lib
+
+CLOTHING1M_CLASSES = 14
+_CLOTHING1M_FILES = ("noisy_label_kv.txt", "clean_label_kv.txt", "noisy_train_key_list.txt",
+                     "clean_val_key_list.txt", "clean_test_key_list.txt")
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+# How many images of each list are checked to exist when a layout is read (all of them would take
+# minutes for a million files on a network disk; a wrong root shows up in any sample).
+_NUM_CHECKED = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageList:
+  """Image files (absolute paths) and their labels; −1 marks an unlabelled image."""
+  files: np.ndarray   # str
+  labels: np.ndarray  # int32
+
+  def __post_init__(self):
+    if len(self.files) != len(self.labels):
+      raise ValueError(f"{len(self.files)} files but {len(self.labels)} labels.")
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def subset(self, indices: np.ndarray) -> "ImageList":
+    return ImageList(self.files[indices], self.labels[indices])
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamedDataset:
+  """A noisy training list, a clean meta list and one or more clean test lists."""
+  name: str
+  num_classes: int
+  train: ImageList
+  meta: ImageList
+  tests: dict[str, ImageList]  # e.g. {'test': ..., 'imagenet_val': ...}; 'test' selects models
+  clean_train_labels: np.ndarray | None = None  # where known (−1 elsewhere), for label-issue reports
+
+
+def _layout_error(path: pathlib.Path, dataset: str, expected: str) -> FileNotFoundError:
+  return FileNotFoundError(f"{path} does not exist: not a {dataset} folder. Expected {expected}; "
+                           f"point --config.data.data_dir at the dataset's root.")
+
+
+def _read_pairs(path: pathlib.Path) -> tuple[list[str], np.ndarray]:
+  """Lines `relative/path <integer label>` -> paths and labels; names the first malformed line."""
+  files, labels = [], []
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      parts = line.split()
+      if not parts:
+        continue
+      if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+        raise ValueError(f"{path}, line {number}: expected '<image path> <integer label>', got "
+                         f"{line.strip()!r}.")
+      files.append(parts[0])
+      labels.append(int(parts[1]))
+  return files, np.asarray(labels, np.int32)
+
+
+def _read_keys(path: pathlib.Path) -> list[str]:
+  with open(path) as f:
+    return [line.strip() for line in f if line.strip()]
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+  bad = (labels < 0) | (labels >= num_classes)
+  if bad.any():
+    raise ValueError(f"{where}: label {int(labels[np.argmax(bad)])} lies outside [0, {num_classes}).")
+
+
+def _check_images_exist(files: np.ndarray, where: str, seed: int = 0) -> None:
+  """Checks the first, the last and a random sample of the images."""
+  if len(files) == 0:
+    raise ValueError(f"{where} lists no images.")
+  rng = np.random.default_rng(seed)
+  sample = {0, len(files) - 1, *rng.integers(0, len(files), min(_NUM_CHECKED, len(files))).tolist()}
+  for index in sorted(sample):
+    if not os.path.isfile(files[index]):
+      raise FileNotFoundError(f"{files[index]} (listed in {where}) does not exist: the images are "
+                              f"not where the layout says. Check --config.data.data_dir.")
+
+
+def _absolute(root: pathlib.Path, relative: list[str]) -> np.ndarray:
+  return np.asarray([str(root / name) for name in relative])
+
+
+def clothing1m(data_dir: str | os.PathLike[str]) -> StreamedDataset:
+  """Clothing1M: the 1M noisy training images, the clean validation set (meta) and clean test set.
+
+  The 50k clean training images are not used (SPEC). Clean labels of noisy training images that also
+  appear in `clean_label_kv.txt` (about 37k in the real set) are kept for label-issue reports.
+  """
+  root = pathlib.Path(data_dir)
+  for name in _CLOTHING1M_FILES:
+    if not (root / name).is_file():
+      raise _layout_error(root / name, "Clothing1M",
+                          f"{', '.join(_CLOTHING1M_FILES)} and images/ in {root}")
+  noisy_files, noisy_labels = _read_pairs(root / "noisy_label_kv.txt")
+  clean_files, clean_labels = _read_pairs(root / "clean_label_kv.txt")
+  noisy = dict(zip(noisy_files, noisy_labels.tolist()))
+  clean = dict(zip(clean_files, clean_labels.tolist()))
+
+  def listed(key_file: str, labels: dict[str, int], kv_file: str,
+             keys: list[str] | None = None) -> ImageList:
+    keys = _read_keys(root / key_file) if keys is None else keys
+    missing = [k for k in keys if k not in labels]
+    if missing:
+      raise ValueError(f"{root / key_file} lists {len(missing)} images without a label in "
+                       f"{root / kv_file}, e.g. {missing[0]!r}.")
+    result = ImageList(_absolute(root, keys), np.asarray([labels[k] for k in keys], np.int32))
+    _check_labels(result.labels, CLOTHING1M_CLASSES, str(root / kv_file))
+    _check_images_exist(result.files, str(root / key_file))
+    return result
+
+  train_keys = _read_keys(root / "noisy_train_key_list.txt")
+  train = listed("noisy_train_key_list.txt", noisy, "noisy_label_kv.txt", train_keys)
+  return StreamedDataset(
+      name="clothing1m", num_classes=CLOTHING1M_CLASSES, train=train,
+      meta=listed("clean_val_key_list.txt", clean, "clean_label_kv.txt"),
+      tests={"test": listed("clean_test_key_list.txt", clean, "clean_label_kv.txt")},
+      clean_train_labels=np.asarray([clean.get(k, -1) for k in train_keys], np.int32))
+
+
+def _webvision_synsets(root: pathlib.Path, num_classes: int) -> list[str]:
+  path = root / "info" / "synsets.txt"
+  if not path.is_file():
+    raise _layout_error(path, "WebVision 1.0", "info/synsets.txt (one 'n01440764 name' a line)")
+  synsets = [line.split()[0] for line in _read_keys(path)]
+  if len(synsets) < num_classes:
+    raise ValueError(f"{path} lists {len(synsets)} synsets, fewer than num_classes={num_classes}.")
+  return synsets[:num_classes]
+
+
+def webvision(data_dir: str | os.PathLike[str], num_classes: int, num_meta: int, seed: int,
+              imagenet_val_dir: str = "") -> StreamedDataset:
+  """WebVision 1.0, Google images of the first `num_classes` classes (the paper: 50).
+
+  The verified validation images of those classes (2.5k for 50) are split by `seed` into `num_meta`
+  meta images (the paper: 1k) and the test set (the other 1.5k). With `imagenet_val_dir`, the ILSVRC12
+  validation images of the same classes (one folder per synset) are a second test set.
+  """
+  root = pathlib.Path(data_dir)
+  train_list = root / "info" / "train_filelist_google.txt"
+  val_list = root / "info" / "val_filelist.txt"
+  for path in (train_list, val_list):
+    if not path.is_file():
+      raise _layout_error(path, "WebVision 1.0",
+                          "info/train_filelist_google.txt, info/val_filelist.txt, google/ and "
+                          f"val_images/ in {root}")
+  train_files, train_labels = _read_pairs(train_list)
+  keep = train_labels < num_classes
+  train = ImageList(_absolute(root, [f for f, k in zip(train_files, keep) if k]), train_labels[keep])
+  _check_images_exist(train.files, str(train_list))
+  val_files, val_labels = _read_pairs(val_list)
+  keep = val_labels < num_classes
+  val = ImageList(_absolute(root / "val_images", [f for f, k in zip(val_files, keep) if k]),
+                  val_labels[keep])
+  _check_images_exist(val.files, str(val_list))
+  if not 0 < num_meta < len(val):
+    raise ValueError(f"config.data.num_meta={num_meta}: WebVision's {len(val)} validation images "
+                     f"of {num_classes} classes are split into meta and test data, so 0 < num_meta "
+                     f"< {len(val)}.")
+  order = np.random.default_rng(seed).permutation(len(val))
+  tests = {"test": val.subset(np.sort(order[num_meta:]))}
+  if imagenet_val_dir:
+    tests["imagenet_val"] = _class_folders(pathlib.Path(imagenet_val_dir),
+                                           _webvision_synsets(root, num_classes))
+  return StreamedDataset(name="webvision", num_classes=num_classes, train=train,
+                         meta=val.subset(np.sort(order[:num_meta])), tests=tests)
+
+
+def _class_folders(root: pathlib.Path, classes: list[str]) -> ImageList:
+  """Images in `root/<class>/` for each class name, labelled by the class's index."""
+  files, labels = [], []
+  for label, name in enumerate(classes):
+    folder = root / name
+    if not folder.is_dir():
+      raise _layout_error(folder, "class-folder", f"one folder per class ({', '.join(classes[:3])}, "
+                          f"…) in {root}")
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
+    files += [str(p) for p in images]
+    labels += [label] * len(images)
+  result = ImageList(np.asarray(files), np.asarray(labels, np.int32))
+  _check_images_exist(result.files, str(root))
+  return result
+
+
+def image_folder(data_dir: str | os.PathLike[str], train_list: str = "") -> StreamedDataset:
+  """Your own dataset: `train/<class>/…` (or a `train_list` of `path <label>` lines, paths relative to
+  `data_dir`) with noisy labels, and clean `meta/<class>/…` and `test/<class>/…`.
+
+  Classes are the sorted folder names of `meta/`; with `train/`, its folders must be the same.
+  """
+  root = pathlib.Path(data_dir)
+  meta_dir = root / "meta"
+  if not meta_dir.is_dir():
+    raise _layout_error(meta_dir, "image-folder", "meta/<class>/, test/<class>/ and train/<class>/ "
+                        "(or --config.data.train_list)")
+  classes = sorted(p.name for p in meta_dir.iterdir() if p.is_dir())
+  if train_list:
+    list_path = pathlib.Path(train_list)
+    list_path = list_path if list_path.is_absolute() else root / list_path
+    if not list_path.is_file():
+      raise FileNotFoundError(f"config.data.train_list: {list_path} does not exist.")
+    files, labels = _read_pairs(list_path)
+    _check_labels(labels, len(classes), str(list_path))
+    train = ImageList(_absolute(root, files), labels)
+    _check_images_exist(train.files, str(list_path))
+  else:
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+      raise _layout_error(train_dir, "image-folder", "train/<class>/ or --config.data.train_list")
+    train_classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if train_classes != classes:
+      raise ValueError(f"{train_dir} has class folders {train_classes}, {meta_dir} has {classes}: "
+                       "they must be the same.")
+    train = _class_folders(train_dir, classes)
+  return StreamedDataset(name="image_folder", num_classes=len(classes), train=train,
+                         meta=_class_folders(meta_dir, classes),
+                         tests={"test": _class_folders(root / "test", classes)})
+
+
+def load(data_config: Any, seed: int) -> StreamedDataset:
+  """The streamed dataset `data_config.name` names, with `num_meta` and `num_unlabelled` applied.
+
+  `num_meta` (0: all) draws a meta subset by `seed` (the paper's Table IV); `num_unlabelled` drops the
+  labels of that many training images chosen by `seed` (Table V): warm-up skips them, phase 2 uses
+  them like the others.
+  """
+  if not data_config.data_dir:
+    raise FileNotFoundError(f"no data_dir set for {data_config.name}; pass "
+                            "--config.data.data_dir=<the dataset's root folder>.")
+  if data_config.name == "clothing1m":
+    dataset = clothing1m(data_config.data_dir)
+  elif data_config.name == "webvision":
+    dataset = webvision(data_config.data_dir, data_config.num_classes, data_config.num_meta, seed,
+                        data_config.imagenet_val_dir)
+  elif data_config.name == "image_folder":
+    dataset = image_folder(data_config.data_dir, data_config.train_list)
+  else:
+    raise ValueError(f"{data_config.name!r} is not a streamed dataset.")
+  meta = dataset.meta
+  if data_config.num_meta and dataset.name != "webvision":  # webvision splits its own
+    if data_config.num_meta > len(meta):
+      raise ValueError(f"config.data.num_meta={data_config.num_meta} exceeds the {len(meta)} meta "
+                       f"images of {dataset.name}.")
+    meta = meta.subset(np.sort(np.random.default_rng(seed).permutation(len(meta))
+                               [:data_config.num_meta]))
+  train = dataset.train
+  if data_config.num_unlabelled:
+    if data_config.num_unlabelled >= len(train):
+      raise ValueError(f"config.data.num_unlabelled={data_config.num_unlabelled} leaves no labelled "
+                       f"training image (there are {len(train)}).")
+    labels = train.labels.copy()
+    labels[data_lib.choose_unlabelled(len(labels), data_config.num_unlabelled, seed)] = -1
+    train = ImageList(train.files, labels)
+  return dataclasses.replace(dataset, train=train, meta=meta)

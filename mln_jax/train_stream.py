@@ -1,0 +1,300 @@
+"""The two-phase loop for datasets streamed from disk (Clothing1M, WebVision, your own image folders).
+
+The same algorithm as `train` (warm-up on labelled images, freeze the extractor, phase 2 over labelled
+and unlabelled images, evaluation after every epoch, model selection by meta accuracy), with batches
+coming from tf.data (`input_pipeline`) instead of device memory. Steps are jitted with the state
+donated and the batch sharded over all devices of a `Mesh`; with several processes (hosts), each reads
+its part of every batch, and only process 0 writes metrics and results (orbax coordinates the
+checkpoint among processes). Checkpoints are written every `checkpoint_every_steps` steps and at the
+end of each epoch; a resumed run skips the steps it has taken and gives the same result as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from mln_jax import augment, config as config_lib, file_lists, steps, train, writers
+from mln_jax.train_state import TrainState, freeze_extractor, set_learning_rate
+
+if TYPE_CHECKING:
+  from mln_jax import input_pipeline
+
+# tf.data (TensorFlow) is imported where files are read, so that the steps (`make_steps`) and the
+# benchmark run where TensorFlow is absent.
+StepFn = Callable[..., tuple[TrainState, dict[str, jax.Array]]]
+
+
+def _normalised(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  return {"image": augment.normalise_imagenet(batch["image"]), "label": batch["label"]}
+
+
+def make_steps(num_classes: int) -> tuple[StepFn, StepFn, Callable[..., dict[str, jax.Array]]]:
+  """Jitted warm-up step, meta step (both donate the state) and evaluation on uint8 batches."""
+  warmup = jax.jit(lambda state, batch: steps.warmup_step(state, _normalised(batch)),
+                   donate_argnums=0)
+  meta = jax.jit(lambda state, batch, meta_batch: steps.meta_step(
+      state, _normalised(batch), _normalised(meta_batch)), donate_argnums=0)
+  top_k = min(5, num_classes)
+
+  @jax.jit
+  def evaluate(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Counts of top-1 and top-5 hits over the batch's valid (not padding) images."""
+    logits = steps.predict(state, augment.normalise_imagenet(batch["image"]))
+    _, best = jax.lax.top_k(logits, top_k)
+    hits = best == batch["label"][:, None]
+    valid = batch["valid"]
+    return {"top1": jnp.sum(hits[:, 0] & valid), "top5": jnp.sum(hits.any(-1) & valid),
+            "count": jnp.sum(valid)}
+
+  return warmup, meta, evaluate
+
+
+def evaluate_list(evaluate: Callable[..., dict[str, jax.Array]], state: TrainState,
+                  images: file_lists.ImageList, mesh: Mesh, batch_size: int,
+                  prep: input_pipeline.Preprocessing) -> dict[str, float]:
+  """Top-1 and top-5 accuracy of the classifier over a whole image list."""
+  from mln_jax import input_pipeline
+  totals = {"top1": 0, "top5": 0, "count": 0}
+  dataset = input_pipeline.eval_batches(images, batch_size, prep)
+  for batch in input_pipeline.device_batches(dataset, mesh):
+    for name, value in evaluate(state, batch).items():
+      totals[name] += int(value)
+  if totals["count"] != len(images):
+    raise RuntimeError(f"Evaluated {totals['count']} of {len(images)} images.")
+  return {"top1": totals["top1"] / totals["count"], "top5": totals["top5"] / totals["count"]}
+
+
+def _load_pretrained(config: ml_collections.ConfigDict, state: TrainState) -> TrainState:
+  """The classifier's (and the extractor's) weights from `config.model.pretrained`, a torchvision
+  ResNet state dict; a head of another class count stays as initialised."""
+  from mln_jax import pretrained  # torch is only needed for .pth files
+  variables, skipped = pretrained.load_pretrained_resnet(
+      config.model.pretrained, {"params": state.params, "batch_stats": state.batch_stats})
+  logging.info("Loaded %s%s.", config.model.pretrained,
+               f" (kept this model's own {', '.join(skipped)})" if skipped else "")
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  return state.replace(params=params, batch_stats=batch_stats, opt_state=state.tx.init(params),
+                       extractor_params=jax.tree.map(jnp.copy, params),
+                       extractor_batch_stats=jax.tree.map(jnp.copy, batch_stats))
+
+
+class Preempted(RuntimeError):
+  """The job was told it will be preempted; a checkpoint was written and the run can resume."""
+
+
+def _check_finite(metrics: dict[str, np.ndarray], epoch: int, step: int) -> None:
+  for name, value in metrics.items():
+    if not np.all(np.isfinite(value)):
+      raise FloatingPointError(
+          f"Non-finite {name} in epoch {epoch + 1} by step {step}: training diverged. Lower the "
+          f"learning rate (--config.optim.learning_rate, --config.mln.learning_rate or "
+          f"--config.mln.inner_lr) or check the input data. No results were written.")
+
+
+def train_and_evaluate_stream(config: ml_collections.ConfigDict, workdir: str,
+                              mesh: Mesh | None = None) -> dict[str, Any]:
+  """Trains `config.method` on a streamed dataset, resuming from `workdir` if it holds a checkpoint.
+
+  Returns (and, from process 0, writes to `workdir/results.json`) the per-epoch history with top-1
+  and top-5 accuracy on the meta data and each test list, the test accuracy at the best meta epoch
+  and at the last epoch, wall time and device.
+  """
+  config_lib.validate_config(config)
+  if config.method not in ("metalabelnet", "cross_entropy"):
+    raise ValueError(f"train_and_evaluate_stream runs one method; got {config.method!r}.")
+  with jax.default_matmul_precision(config.matmul_precision):
+    return _train_and_evaluate_stream(config, workdir, mesh or train.make_mesh())
+
+
+def _train_and_evaluate_stream(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh
+                               ) -> dict[str, Any]:
+  from mln_jax import input_pipeline
+  lead = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if lead:
+    train.check_workdir_config(workdir, config)
+  results_path = os.path.join(workdir, train.RESULTS_FILE)
+  if os.path.exists(results_path):
+    logging.info("%s is complete; returning its results.", workdir)
+    return train.read_json(results_path)
+  start_time = time.time()
+  dataset = file_lists.load(config.data, config.seed)
+  batch_size = config.batch_size
+  if batch_size % mesh.size or batch_size % jax.process_count():
+    raise ValueError(f"config.batch_size={batch_size} must be divisible by the number of devices "
+                     f"({mesh.size}) and processes ({jax.process_count()}).")
+  labelled = np.flatnonzero(dataset.train.labels >= 0)
+  if batch_size > min(len(labelled), len(dataset.meta)):
+    raise ValueError(f"config.batch_size={batch_size} is larger than the data: {len(labelled)} "
+                     f"labelled training and {len(dataset.meta)} meta images. Lower "
+                     f"--config.batch_size.")
+  logging.info("%s: %d training images (%d labelled), %d meta, %s; %d classes.", dataset.name,
+               len(dataset.train), len(labelled), len(dataset.meta),
+               ", ".join(f"{len(v)} {k}" for k, v in dataset.tests.items()), dataset.num_classes)
+  prep = input_pipeline.Preprocessing(config.data.resize_size, config.data.image_size,
+                                      config.augment.hflip, config.data.resize_mode)
+  meta_prep = dataclasses.replace(prep, hflip=config.augment.hflip and config.augment.meta_batches)
+  eval_prep = dataclasses.replace(prep, hflip=False)
+  eval_batch_size = -(-config.eval_batch_size // mesh.size) * mesh.size
+
+  model = train.build_model(config, dataset.num_classes)
+  image_shape = (config.data.image_size, config.data.image_size, 3)
+  state = train.new_state(config, model, image_shape, dataset.num_classes,
+                          jax.random.PRNGKey(config.seed))
+  if config.model.pretrained:
+    state = _load_pretrained(config, state)
+  elif dataset.name == "clothing1m":
+    logging.warning("The classifier starts from random weights; the paper's Clothing1M protocol "
+                    "starts from ImageNet weights (--config.model.pretrained=<resnet50 .pth>).")
+  state = train.replicate(mesh, state)
+  warmup_step, meta_step, evaluate = make_steps(dataset.num_classes)
+
+  checkpoints = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
+                                           enable_async_checkpointing=False))
+  # Where the run stands: the epoch, steps taken in it and their metric sums, and the history.
+  progress = {"epoch": 0, "step": 0, "sums": {}, "history": [], "best": None, "elapsed_s": 0.0}
+  if checkpoints.latest_step() is not None:
+    restored = checkpoints.restore(checkpoints.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(state), progress=ocp.args.JsonRestore()))
+    state, progress = restored.state, restored.progress
+    logging.info("Resumed from the checkpoint at epoch %d, step %d in %s.", progress["epoch"] + 1,
+                 progress["step"], workdir)
+
+  def save(global_step: int) -> None:
+    checkpoints.save(global_step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)))
+
+  writer = writers.create_writer(workdir) if lead else writers.NoSummaryWriter()
+  # What `best` and `last` report: the epoch's accuracies on the meta data and every test list.
+  selected = ["epoch"] + [f"{name}_{what}" for name in ("meta", *dataset.tests)
+                          for what in ("accuracy", "top5")]
+  metalabelnet = config.method == "metalabelnet"
+  everything = np.arange(len(dataset.train))
+  while progress["epoch"] < config.num_epochs:
+    epoch, start_step = progress["epoch"], progress["step"]
+    phase2 = metalabelnet and epoch >= config.warmup_epochs
+    phase = "metalabelnet" if phase2 else ("warm-up" if metalabelnet else "cross-entropy")
+    if phase2 and epoch == config.warmup_epochs and start_step == 0:
+      state = freeze_extractor(state)
+    lr = config_lib.learning_rate_at(config, epoch)
+    state = state.replace(opt_state=set_learning_rate(state.opt_state, lr))
+    indices = everything if phase2 else labelled
+    num_steps = len(indices) // batch_size
+    batches = input_pipeline.device_batches(input_pipeline.train_batches(
+        dataset.train, indices, batch_size, prep, config.seed, epoch, start_step), mesh)
+    if phase2:
+      meta_stream = input_pipeline.device_batches(input_pipeline.meta_batches(
+          dataset.meta, num_steps, batch_size, meta_prep, config.seed, epoch, start_step), mesh)
+
+    epoch_start = time.time()
+    window, window_start = [], time.time()
+    for step in range(start_step, num_steps):
+      batch = next(batches)
+      if phase2:
+        state, metrics = meta_step(state, batch, next(meta_stream))
+      else:
+        state, metrics = warmup_step(state, batch)
+      window.append(metrics)
+      last = step + 1 == num_steps
+      if (step + 1) % config.log_every_steps and not last:
+        continue
+      # Windows end at multiples of log_every_steps, so a resumed run sums the same windows.
+      window_metrics = jax.tree.map(lambda *m: np.asarray(jnp.stack(m)), *window)
+      _check_finite(window_metrics, epoch, step + 1)
+      for name, values in window_metrics.items():
+        progress["sums"][name] = progress["sums"].get(name, 0.0) + float(values.sum())
+      logging.info("epoch %d/%d [%s] step %d/%d  loss %.4f  %.0f img/s", epoch + 1,
+                   config.num_epochs, phase, step + 1, num_steps, window_metrics["loss"].mean(),
+                   len(window) * batch_size / (time.time() - window_start))
+      global_step = int(state.step)
+      writer.write_scalars(global_step, {f"train/{k}": float(v.mean())
+                                         for k, v in window_metrics.items()})
+      window, window_start = [], time.time()
+      progress["step"] = step + 1
+      if config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0 and (
+          not last):
+        save(global_step)
+      # Orbax learns of a coming preemption (TPU maintenance, a cluster's SIGTERM) through JAX's
+      # distributed runtime; every process reaches this point at the same step.
+      if checkpoints.reached_preemption(global_step):
+        if checkpoints.latest_step() != global_step:
+          save(global_step)
+        checkpoints.wait_until_finished()
+        raise Preempted(f"Preemption notice at step {global_step} (epoch {epoch + 1}, step "
+                        f"{step + 1}/{num_steps}): checkpoint written; run the same command "
+                        f"again to resume.")
+    train_time = time.time() - epoch_start
+
+    record = {"epoch": epoch + 1, "phase": phase, "learning_rate": lr, "steps": num_steps,
+              **{f"train/{k}": v / num_steps for k, v in progress["sums"].items()}}
+    meta_accuracy = evaluate_list(evaluate, state, dataset.meta, mesh, eval_batch_size, eval_prep)
+    record.update({"meta_accuracy": meta_accuracy["top1"], "meta_top5": meta_accuracy["top5"]})
+    for name, images in dataset.tests.items():
+      accuracy = evaluate_list(evaluate, state, images, mesh, eval_batch_size, eval_prep)
+      record.update({f"{name}_accuracy": accuracy["top1"], f"{name}_top5": accuracy["top5"]})
+    epoch_time = time.time() - epoch_start
+    record.update({"train_time_s": train_time, "epoch_time_s": epoch_time,
+                   "images_per_s": (num_steps - start_step) * batch_size / train_time})
+    progress["history"].append(record)
+    if (phase2 or not metalabelnet) and (
+        progress["best"] is None or record["meta_accuracy"] > progress["best"]["meta_accuracy"]):
+      progress["best"] = {k: record[k] for k in selected}
+    writer.write_scalars(int(state.step), {k: v for k, v in record.items()
+                                           if isinstance(v, float) and k != "epoch"})
+    logging.info("epoch %d/%d [%s] lr %.0e  meta acc %.4f  %s  (%.0f s)", epoch + 1,
+                 config.num_epochs, phase, lr, record["meta_accuracy"],
+                 "  ".join(f"{name} acc {record[f'{name}_accuracy']:.4f} top-5 "
+                           f"{record[f'{name}_top5']:.4f}" for name in dataset.tests), epoch_time)
+    progress.update(epoch=epoch + 1, step=0, sums={},
+                    elapsed_s=progress["elapsed_s"] + epoch_time)
+    save(int(state.step))
+  checkpoints.wait_until_finished()
+  writer.flush()
+
+  history = progress["history"]
+  clean = dataset.clean_train_labels
+  known = (np.zeros(len(dataset.train), bool) if clean is None
+           else (clean >= 0) & (dataset.train.labels >= 0))
+  estimated_rate = (float(np.mean(clean[known] != dataset.train.labels[known])) if known.any()
+                    else None)
+  results = {
+      "method": config.method,
+      "dataset": dataset.name,
+      "seed": config.seed,
+      "num_train": len(dataset.train),
+      "num_labelled": int(len(labelled)),
+      "num_meta": len(dataset.meta),
+      "best": progress["best"],
+      "last": {k: history[-1][k] for k in selected},
+      "history": history,
+      # Clothing1M's noisy training images partly have a clean label too: their disagreement
+      # estimates the real noise rate.
+      "noise": {"kind": "real", "realised_rate": estimated_rate,
+                "measured_on": int(np.sum(known))},
+      "image_shape": list(image_shape),
+      "num_classes": dataset.num_classes,
+      "epochs_time_s": progress["elapsed_s"],
+      "wall_time_s": time.time() - start_time,
+      **train.run_environment(config),
+  }
+  if lead:
+    train.write_json_atomically(results_path, results)
+  logging.info("%s done: test accuracy %.4f (top-5 %.4f) at the best meta epoch %d, %.4f at the "
+               "last epoch.", config.method, results["best"]["test_accuracy"],
+               results["best"]["test_top5"], results["best"]["epoch"],
+               results["last"]["test_accuracy"])
+  return results

@@ -1,0 +1,371 @@
+"""Streamed datasets: the authors' on-disk layouts, the tf.data streams, and the streamed loop end to
+end on tiny fabricated datasets (a few dozen small JPEGs in exactly the real layouts)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import Mesh
+
+pytest.importorskip("tensorflow")
+
+from mln_jax import config as config_lib, file_lists, input_pipeline, train_stream  # noqa: E402
+
+TESTS = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+import fake_layouts  # noqa: E402
+import tiny_config  # noqa: E402
+
+PREP = input_pipeline.Preprocessing(resize_size=20, image_size=16, hflip=True)
+
+
+@pytest.fixture(scope="module")
+def clothing_root(tmp_path_factory):
+  root = tmp_path_factory.mktemp("clothing1m")
+  fake_layouts.clothing1m(root)
+  return root
+
+
+@pytest.fixture(scope="module")
+def webvision_root(tmp_path_factory):
+  root = tmp_path_factory.mktemp("webvision")
+  fake_layouts.webvision(root, imagenet_val=root / "imagenet_val")
+  return root
+
+
+TINY_STREAMED = {
+    "data.num_meta": 0, "data.resize_size": 20, "data.image_size": 16, "model.name": "conv_bn",
+    "model.blocks": ((8,),), "model.feature_dim": 16, "batch_size": 8, "eval_batch_size": 16,
+    "num_epochs": 3, "warmup_epochs": 1, "optim.learning_rate": 0.05, "optim.lr_boundaries": (2,),
+    "log_every_steps": 2, "checkpoint_every_steps": 2}
+
+
+def tiny_streamed(name, data_dir, **overrides):
+  """A seconds-long streamed config: 16x16 crops, a one-block CNN, 3 epochs (1 warm-up)."""
+  return tiny_config.with_overrides(config_lib.streamed_config(), **{
+      **TINY_STREAMED, "data.name": name, "data.data_dir": str(data_dir), **overrides})
+
+
+def test_clothing1m_layout_is_read(clothing_root):
+  truth = fake_layouts.clothing1m(clothing_root)  # same seed: the same files and labels
+  dataset = file_lists.clothing1m(clothing_root)
+  assert dataset.num_classes == 14
+  assert (len(dataset.train), len(dataset.meta), len(dataset.tests["test"])) == (48, 24, 16)
+  np.testing.assert_array_equal(dataset.train.labels, truth["noisy"])
+  assert dataset.train.files[7] == str(clothing_root / "images/7/0/00007.jpg")
+  # The first quarter of the noisy images also has a clean label (as ~37k real ones do).
+  np.testing.assert_array_equal(dataset.clean_train_labels[:12], truth["truth"][:12])
+  assert np.all(dataset.clean_train_labels[12:] == -1)
+
+
+def test_webvision_layout_keeps_the_first_classes_and_splits_val_by_seed(webvision_root):
+  dataset = file_lists.webvision(webvision_root, num_classes=4, num_meta=8, seed=0,
+                                 imagenet_val_dir=str(webvision_root / "imagenet_val"))
+  assert len(dataset.train) == 4 * 8 and dataset.train.labels.max() == 3
+  assert dataset.train.files[0] == str(webvision_root / "google/q0001/000000.jpg")
+  assert len(dataset.meta) == 8 and len(dataset.tests["test"]) == 4 * 5 - 8
+  assert not set(dataset.meta.files) & set(dataset.tests["test"].files)
+  assert all("/val_images/" in f for f in dataset.meta.files)
+  imagenet = dataset.tests["imagenet_val"]
+  assert len(imagenet) == 4 * 3 and sorted(set(imagenet.labels.tolist())) == [0, 1, 2, 3]
+  assert "/n01440764/" in imagenet.files[0]  # class 0 is the first synset of info/synsets.txt
+  again = file_lists.webvision(webvision_root, 4, 8, seed=0)
+  other = file_lists.webvision(webvision_root, 4, 8, seed=1)
+  np.testing.assert_array_equal(again.meta.files, dataset.meta.files)
+  assert set(other.meta.files) != set(dataset.meta.files)
+
+
+def test_image_folder_layout_with_and_without_a_train_list(tmp_path):
+  fake_layouts.image_folder(tmp_path)
+  dataset = file_lists.image_folder(tmp_path)
+  assert dataset.num_classes == 3
+  assert (len(dataset.train), len(dataset.meta), len(dataset.tests["test"])) == (36, 18, 12)
+  assert dataset.train.labels.tolist() == [0] * 12 + [1] * 12 + [2] * 12  # cat, dog, fish
+  (tmp_path / "noisy.txt").write_text("train/cat/000.jpg 2\ntrain/dog/001.jpg 0\n")
+  listed = file_lists.image_folder(tmp_path, train_list="noisy.txt")
+  assert listed.train.labels.tolist() == [2, 0]
+  assert listed.train.files[0] == str(tmp_path / "train/cat/000.jpg")
+
+
+def _break(root: pathlib.Path, what: str) -> None:
+  if what == "list":
+    (root / "clean_val_key_list.txt").unlink()
+  elif what == "image":
+    os.remove(root / "images/0/0/00000.jpg")
+  elif what == "line":
+    with open(root / "noisy_label_kv.txt", "a") as f:
+      f.write("images/x.jpg not-a-label\n")
+  elif what == "label":
+    text = (root / "noisy_label_kv.txt").read_text().splitlines()
+    text[0] = text[0].split()[0] + " 14"
+    (root / "noisy_label_kv.txt").write_text("\n".join(text) + "\n")
+  elif what == "key":
+    with open(root / "clean_test_key_list.txt", "a") as f:
+      f.write("images/unlabelled.jpg\n")
+
+
+@pytest.mark.parametrize("what, error, message", [
+    ("list", FileNotFoundError, r"clean_val_key_list.txt does not exist: not a Clothing1M folder"),
+    ("image", FileNotFoundError, r"images/0/0/00000.jpg \(listed in .*noisy_train_key_list.txt\)"),
+    ("line", ValueError, r"noisy_label_kv.txt, line 49: expected '<image path> <integer label>'"),
+    ("label", ValueError, r"label 14 lies outside \[0, 14\)"),
+    ("key", ValueError, r"lists 1 images without a label in .*clean_label_kv.txt, e.g. "
+                        r"'images/unlabelled.jpg'"),
+])
+def test_broken_clothing1m_layouts_are_named(tmp_path, what, error, message):
+  fake_layouts.clothing1m(tmp_path)
+  _break(tmp_path, what)
+  with pytest.raises(error, match=message):
+    file_lists.clothing1m(tmp_path)
+
+
+def test_other_layout_errors(tmp_path, webvision_root):
+  with pytest.raises(FileNotFoundError, match="info/train_filelist_google.txt does not exist"):
+    file_lists.webvision(tmp_path, 4, 8, seed=0)
+  with pytest.raises(ValueError, match="0 < num_meta < 20"):
+    file_lists.webvision(webvision_root, 4, 20, seed=0)
+  fake_layouts.image_folder(tmp_path / "mine")
+  (tmp_path / "mine/train/bird").mkdir()
+  with pytest.raises(ValueError, match="class folders .*bird.* they must be the same"):
+    file_lists.image_folder(tmp_path / "mine")
+  with pytest.raises(FileNotFoundError, match="no data_dir set for clothing1m"):
+    file_lists.load(tiny_streamed("clothing1m", "").data, seed=0)
+
+
+def _stack(dataset):
+  batches = list(dataset.as_numpy_iterator())
+  return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def test_streams_are_deterministic_per_seed_and_resume_mid_epoch(clothing_root):
+  images = file_lists.clothing1m(clothing_root).train
+  indices = np.arange(len(images))
+  stream = lambda seed, epoch, start=0: _stack(input_pipeline.train_batches(
+      images, indices, 8, PREP, seed, epoch, start))
+  first = stream(0, 0)
+  assert first["image"].shape == (6, 8, 16, 16, 3) and first["image"].dtype == np.uint8
+  again, other_seed, other_epoch, resumed = stream(0, 0), stream(1, 0), stream(0, 1), stream(0, 0, 2)
+  for key in first:
+    np.testing.assert_array_equal(again[key], first[key])
+    np.testing.assert_array_equal(resumed[key], first[key][2:])
+  assert not np.array_equal(other_seed["label"], first["label"])
+  assert not np.array_equal(other_epoch["label"], first["label"])
+  # An epoch visits every image once (48 = 6 batches of 8).
+  assert sorted(first["label"].ravel().tolist()) == sorted(images.labels.tolist())
+
+
+def test_meta_stream_cycles_through_whole_passes(clothing_root):
+  meta = file_lists.clothing1m(clothing_root).meta  # 24 images
+  order = input_pipeline.cycling_order(len(meta), num_steps=7, batch_size=8, seed=0, epoch=3)
+  assert order.shape == (7, 8)
+  flat = order.ravel()
+  assert sorted(flat[:24]) == list(range(24)) and sorted(flat[24:48]) == list(range(24))
+  batches = _stack(input_pipeline.meta_batches(meta, 7, 8, PREP, seed=0, epoch=3))
+  np.testing.assert_array_equal(batches["label"], meta.labels[order])
+
+
+def test_preprocessing_resizes_crops_and_flips(tmp_path):
+  # A 40x80 image: left half black, right half white, a red centre mark.
+  pixels = np.zeros((40, 80, 3), np.uint8)
+  pixels[:, 40:] = 255
+  pixels[18:22, 38:42] = (255, 0, 0)
+  from PIL import Image
+  Image.fromarray(pixels).save(tmp_path / "a.png")
+  images = file_lists.ImageList(np.asarray([str(tmp_path / "a.png")] * 2), np.asarray([0, 0]))
+  order, flips = np.asarray([[0, 1]]), np.asarray([[False, True]])
+  shorter = input_pipeline.Preprocessing(20, 16, resize_mode="shorter_side")
+  batch = next(input_pipeline._batches(images, order, flips, shorter, 0).as_numpy_iterator())
+  plain, flipped = batch["image"]
+  assert plain.shape == (16, 16, 3)
+  # Shorter side 40 -> 20 keeps the aspect (20x40); the centre crop keeps the red mark in the middle.
+  assert plain[8, 8, 0] > 150 and plain[8, 8, 1] < 100
+  assert plain[8, 0].mean() < 60 and plain[8, 15].mean() > 200  # black left, white right
+  np.testing.assert_array_equal(flipped, plain[:, ::-1])
+  square = input_pipeline.Preprocessing(20, 16, resize_mode="square")
+  squashed = next(input_pipeline._batches(images, order, flips, square, 0).as_numpy_iterator())
+  assert squashed["image"].shape == (2, 16, 16, 3)
+  assert not np.array_equal(squashed["image"][0], plain)  # 40x80 -> 20x20 squashes the image
+  with pytest.raises(ValueError, match="resize_mode='crop'"):
+    input_pipeline.Preprocessing(20, 16, resize_mode="crop")
+
+
+def test_eval_stream_covers_every_image_once(clothing_root):
+  test = file_lists.clothing1m(clothing_root).tests["test"]  # 16 images, batches of 6
+  batches = _stack(input_pipeline.eval_batches(test, 6, PREP))
+  assert batches["valid"].shape == (3, 6) and batches["valid"].sum() == 16
+  np.testing.assert_array_equal(batches["label"].ravel()[:16], test.labels)
+
+
+def test_processes_read_disjoint_parts_of_every_batch(clothing_root, monkeypatch):
+  images = file_lists.clothing1m(clothing_root).train
+  whole = _stack(input_pipeline.train_batches(images, np.arange(48), 8, PREP, 0, 0))
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  parts = []
+  for index in range(2):
+    monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+    parts.append(_stack(input_pipeline.train_batches(images, np.arange(48), 8, PREP, 0, 0)))
+  assert parts[0]["image"].shape == (6, 4, 16, 16, 3)
+  for key in whole:
+    np.testing.assert_array_equal(np.concatenate([parts[0][key], parts[1][key]], 1), whole[key])
+
+
+def test_device_batches_are_sharded_over_four_devices(clothing_root):
+  assert jax.device_count() == 4
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  images = file_lists.clothing1m(clothing_root).train
+  dataset = input_pipeline.train_batches(images, np.arange(48), 8, PREP, 0, 0)
+  on_devices = list(input_pipeline.device_batches(dataset, mesh, prefetch=2))
+  host = list(dataset.as_numpy_iterator())
+  assert len(on_devices) == len(host) == 6
+  for device_batch, host_batch in zip(on_devices, host):
+    image = device_batch["image"]
+    assert image.shape == (8, 16, 16, 3) and len(image.addressable_shards) == 4
+    assert {s.data.shape for s in image.addressable_shards} == {(2, 16, 16, 3)}
+    np.testing.assert_array_equal(np.asarray(image), host_batch["image"])
+
+
+def _history_without_times(results):
+  return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in results["history"]]
+
+
+def test_clothing1m_run_resumed_mid_epoch_equals_an_uninterrupted_run(tmp_path, clothing_root,
+                                                                      monkeypatch):
+  config = tiny_streamed("clothing1m", clothing_root)
+  whole = train_stream.train_and_evaluate_stream(config, str(tmp_path / "whole"))
+  assert [r["phase"] for r in whole["history"]] == ["warm-up", "metalabelnet", "metalabelnet"]
+  for record in whole["history"]:
+    assert 0 <= record["test_accuracy"] <= record["test_top5"] <= 1
+  assert whole["last"]["test_accuracy"] >= 0.5  # 4 colour classes, 25% label noise
+  assert whole["noise"]["measured_on"] == 12
+  assert os.path.exists(tmp_path / "whole" / "results.json")
+
+  real_check = train_stream._check_finite
+
+  def killed_mid_epoch_2(metrics, epoch, step):
+    if epoch == 1 and step == 4:  # after the checkpoint at step 2 of the second epoch
+      raise KeyboardInterrupt("simulated kill")
+    real_check(metrics, epoch, step)
+
+  monkeypatch.setattr(train_stream, "_check_finite", killed_mid_epoch_2)
+  with pytest.raises(KeyboardInterrupt):
+    train_stream.train_and_evaluate_stream(config, str(tmp_path / "killed"))
+  assert not os.path.exists(tmp_path / "killed" / "results.json")
+  monkeypatch.setattr(train_stream, "_check_finite", real_check)
+  resumed = train_stream.train_and_evaluate_stream(config, str(tmp_path / "killed"))
+  assert _history_without_times(resumed) == _history_without_times(whole)
+  restore = lambda d: ocp.CheckpointManager(str(d / "checkpoints")).restore(
+      None, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  jax.tree.map(np.testing.assert_array_equal, restore(tmp_path / "killed"),
+               restore(tmp_path / "whole"))
+
+  # A preemption notice (orbax's sync point) at global step 10, the 4th of the second epoch's 6
+  # steps, in a run with checkpoints at epoch ends only: the run checkpoints there and stops.
+  epoch_ends_only = tiny_streamed("clothing1m", clothing_root, checkpoint_every_steps=0)
+  with monkeypatch.context() as patch:
+    patch.setattr(ocp.CheckpointManager, "reached_preemption", lambda self, step: step == 10)
+    with pytest.raises(train_stream.Preempted, match="at step 10 .epoch 2, step 4/6.: checkpoint"):
+      train_stream.train_and_evaluate_stream(epoch_ends_only, str(tmp_path / "preempted"))
+  assert ocp.CheckpointManager(str(tmp_path / "preempted" / "checkpoints")).latest_step() == 10
+  resumed = train_stream.train_and_evaluate_stream(epoch_ends_only, str(tmp_path / "preempted"))
+  assert _history_without_times(resumed) == _history_without_times(whole)
+
+
+def test_unlabelled_images_join_phase_2_only(tmp_path, clothing_root):
+  config = tiny_streamed("clothing1m", clothing_root, **{"data.num_unlabelled": 24,
+                                                         "data.num_meta": 16})
+  results = train_stream.train_and_evaluate_stream(config, str(tmp_path))
+  assert (results["num_train"], results["num_labelled"], results["num_meta"]) == (48, 24, 16)
+  # Warm-up: 24 labelled images = 3 batches; phase 2: all 48 = 6 batches per epoch.
+  assert [r["steps"] for r in results["history"]] == [3, 6, 6]
+
+
+def test_sharded_run_matches_a_single_device_run(tmp_path, clothing_root):
+  config = tiny_streamed("clothing1m", clothing_root, num_epochs=2)
+  one = train_stream.train_and_evaluate_stream(
+      config, str(tmp_path / "one"), mesh=Mesh(np.array(jax.devices()[:1]), ("data",)))
+  four = train_stream.train_and_evaluate_stream(
+      config, str(tmp_path / "four"), mesh=Mesh(np.array(jax.devices()), ("data",)))
+  assert four["device"].endswith("x4")
+  for a, b in zip(one["history"], four["history"]):
+    for key in ("train/loss", "train/meta_loss", "meta_accuracy", "test_accuracy"):
+      if key in a:
+        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+
+
+def test_webvision_cli_reports_top1_and_top5_on_both_test_sets(tmp_path, webvision_root):
+  workdir = tmp_path / "run"
+  completed = subprocess.run(
+      [sys.executable, "-m", "mln_jax.main", f"--config={TESTS.parent / 'configs/webvision.py'}",
+       f"--workdir={workdir}", f"--config.data.data_dir={webvision_root}",
+       f"--config.data.imagenet_val_dir={webvision_root / 'imagenet_val'}",
+       "--config.data.num_classes=4", "--config.data.num_meta=8", "--config.data.resize_size=20",
+       "--config.data.image_size=16", "--config.model.name=conv_bn",
+       "--config.model.blocks=((8,),)", "--config.model.feature_dim=16", "--config.batch_size=8",
+       "--config.num_epochs=2", "--config.warmup_epochs=1", "--config.log_every_steps=2",
+       "--config.checkpoint_every_steps=0"],
+      capture_output=True, text=True, cwd=TESTS.parent, timeout=600,
+      env={**os.environ, "XLA_FLAGS": ""})
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  with open(workdir / "results.json") as f:
+    results = json.load(f)
+  assert results["dataset"] == "webvision" and results["num_classes"] == 4
+  assert set(results["best"]) == {"epoch", "meta_accuracy", "meta_top5", "test_accuracy",
+                                  "test_top5", "imagenet_val_accuracy", "imagenet_val_top5"}
+  assert results["last"]["imagenet_val_top5"] == 1.0  # 4 classes: the top 5 hold every class
+  assert "webvision, the dataset's own noisy labels" in completed.stdout
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"noise.kind": "uniform"}, "trains on its own .* labels; set --config.noise.kind=none"),
+    ({"num_runs": 2}, "stream from disk one at a time"),
+    ({"data.image_size": 32}, "needs 0 < image_size <= resize_size"),
+    ({"checkpoint_every_steps": 3}, "must be 0 or a multiple of config.log_every_steps=2"),
+    ({"data.resize_mode": "crop"}, "choose 'square' or 'shorter_side'"),
+    ({"model.pretrained": "w.pth"}, "loads torchvision ResNet weights only"),
+])
+def test_bad_streamed_configs_are_rejected(tmp_path, overrides, message):
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate_config(tiny_streamed("clothing1m", tmp_path, **overrides))
+
+
+def _torchvision_state_dict(variables):
+  """A Flax ResNet's variables under torchvision's names and layouts (what a .pth would hold)."""
+  from mln_jax import pretrained
+  to_torch = {4: (3, 2, 0, 1), 2: (1, 0), 1: (0,)}
+  return {pretrained._torch_key(tuple(k.key for k in path)): np.transpose(np.asarray(leaf),
+                                                                         to_torch[leaf.ndim])
+          for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]}
+
+
+def test_pretrained_resnet_weights_start_the_streamed_run(tmp_path, clothing_root):
+  from mln_jax import resnet, train
+  tiny_resnet = {"model.name": "resnet", "model.stage_sizes": (1, 1), "model.num_filters": 4,
+                 "num_epochs": 2}
+  # "ImageNet" weights: a 1000-class model of the same shape with its own random weights.
+  imagenet = resnet.ResNet(num_classes=1000, stage_sizes=(1, 1), num_filters=4).init(
+      jax.random.PRNGKey(7), np.zeros((1, 16, 16, 3), np.float32), train=False)
+  np.savez(tmp_path / "imagenet.npz", **_torchvision_state_dict(imagenet))
+  config = tiny_streamed("clothing1m", clothing_root, **tiny_resnet,
+                         **{"model.pretrained": str(tmp_path / "imagenet.npz")})
+  state = train.new_state(config, train.build_model(config, 14), (16, 16, 3), 14,
+                          jax.random.PRNGKey(0))
+  loaded = train_stream._load_pretrained(config, state)
+  for name in ("conv1", "layer1_0", "layer2_0"):
+    jax.tree.map(np.testing.assert_array_equal, loaded.params[name], imagenet["params"][name])
+    jax.tree.map(np.testing.assert_array_equal, loaded.extractor_params[name],
+                 imagenet["params"][name])
+  jax.tree.map(np.testing.assert_array_equal, loaded.batch_stats, imagenet["batch_stats"])
+  jax.tree.map(np.testing.assert_array_equal, loaded.params["fc"], state.params["fc"])  # 14 classes
+  results = train_stream.train_and_evaluate_stream(config, str(tmp_path / "run"))
+  assert results["last"]["epoch"] == 2 and results["best"]["test_top5"] > 0
+  with pytest.raises(FileNotFoundError, match="missing.npz"):
+    train_stream.train_and_evaluate_stream(
+        tiny_streamed("clothing1m", clothing_root, **tiny_resnet,
+                      **{"model.pretrained": str(tmp_path / "missing.npz")}),
+        str(tmp_path / "missing"))
