@@ -20,7 +20,11 @@ import datetime
 import json
 import pathlib
 import statistics
+import sys
 from typing import Any
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import figures  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 RATES = (0.2, 0.4, 0.6, 0.8)
@@ -103,6 +107,17 @@ def assemble(folders: list[pathlib.Path], command: str, out: pathlib.Path = RESU
             "paper": paper, "wall_time_s": [r["wall_time_s"] for r in runs]}
       lines.append(f"| {method} | {kind} | " + " | ".join(row) + " |")
   out.mkdir(parents=True, exist_ok=True)
+  lines += ["", "Figures per noise setting in `table1_figures/`: test accuracy per epoch of both "
+            "methods with the end of the warm-up marked (`*_accuracy.png`, the paper's Figure 3) and "
+            "MetaLabelNet's soft-label stability (`*_soft_labels.png`, Figure 4's idea)."]
+  for kind in KINDS:
+    for rate in RATES:
+      by_method = {m: cells[(m, kind, round(rate, 4))] for m in METHODS
+                   if (m, kind, round(rate, 4)) in cells}
+      if not by_method:
+        continue
+      figures.setting_figures(by_method, out / "table1_figures", f"{kind}_{round(100 * rate)}",
+                              f"CIFAR-10, {kind} noise {round(100 * rate)}%")
   (out / "table1.json").write_text(json.dumps(table, indent=2))
   path = out / "table1.md"
   path.write_text("\n".join(lines) + "\n")

@@ -104,6 +104,9 @@ def default_config() -> ml_collections.ConfigDict:
   # every log_every_steps steps (checkpoint_every_steps must be a multiple of it).
   config.checkpoint_every_steps = 0
   config.log_every_steps = 100
+  # Streamed datasets, MetaLabelNet: after training, one inference pass over the training images
+  # writes soft_labels.npz (in-memory datasets always write it).
+  config.export_soft_labels = True
   # 'scan': an epoch is one jitted lax.scan (fast on GPU/TPU); 'host': one jitted call per step (fast
   # on CPU, where XLA's convolutions are slow inside loops); 'auto': 'host' on CPU, else 'scan'.
   config.epoch_loop = "auto"

@@ -54,11 +54,12 @@ def soft_label_agreement(argmax: np.ndarray, given: np.ndarray, clean: np.ndarra
   return stats
 
 
-def write_soft_labels(path: str, given: np.ndarray, soft_labels: np.ndarray, clean: np.ndarray
-                      ) -> None:
+def write_soft_labels(path: str, given: np.ndarray, soft_labels: np.ndarray, clean: np.ndarray,
+                      **extra: np.ndarray) -> None:
   """Saves, per training sample in original order: given label (−1 = none), soft label, its argmax,
-  the label-issue score, and the dataset's own label (the clean label for synthetic noise)."""
+  the label-issue score, the dataset's own label (the clean label for synthetic noise; −1 where
+  unknown), and any `extra` arrays (e.g. the image files of a streamed dataset)."""
   np.savez(path, given_label=given.astype(np.int32), soft_label=soft_labels.astype(np.float32),
            soft_argmax=soft_labels.argmax(1).astype(np.int32),
            label_issue_score=label_issue_scores(given, soft_labels),
-           clean_label=clean.astype(np.int32))
+           clean_label=clean.astype(np.int32), **extra)

@@ -25,7 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from mln_jax import augment, config as config_lib, file_lists, steps, train, writers
+from mln_jax import augment, config as config_lib, file_lists, labels as labels_lib, steps, train
+from mln_jax import writers
 from mln_jax.train_state import TrainState, freeze_extractor, set_learning_rate
 
 if TYPE_CHECKING:
@@ -59,6 +60,20 @@ def make_steps(num_classes: int) -> tuple[StepFn, StepFn, Callable[..., dict[str
             "count": jnp.sum(valid)}
 
   return warmup, meta, evaluate
+
+
+def soft_labels_of_list(state: TrainState, images: file_lists.ImageList, mesh: Mesh,
+                        batch_size: int, prep: input_pipeline.Preprocessing) -> np.ndarray:
+  """MetaLabelNet's soft labels for every image of a list, in list order (no augmentation)."""
+  from jax.experimental import multihost_utils
+  from mln_jax import input_pipeline
+  predict = jax.jit(lambda s, x: steps.predict_soft_labels(s, augment.normalise_imagenet(x)))
+  outputs = []
+  for batch in input_pipeline.device_batches(input_pipeline.eval_batches(images, batch_size, prep),
+                                             mesh):
+    # Every process gets the whole batch's rows (its own part is all a process holds).
+    outputs.append(multihost_utils.process_allgather(predict(state, batch["image"]), tiled=True))
+  return np.concatenate(outputs)[:len(images)]
 
 
 def evaluate_list(evaluate: Callable[..., dict[str, jax.Array]], state: TrainState,
@@ -267,10 +282,21 @@ def _train_and_evaluate_stream(config: ml_collections.ConfigDict, workdir: str, 
 
   history = progress["history"]
   clean = dataset.clean_train_labels
-  known = (np.zeros(len(dataset.train), bool) if clean is None
-           else (clean >= 0) & (dataset.train.labels >= 0))
+  if clean is None:
+    clean = np.full(len(dataset.train), -1, np.int32)
+  known = (clean >= 0) & (dataset.train.labels >= 0)
   estimated_rate = (float(np.mean(clean[known] != dataset.train.labels[known])) if known.any()
                     else None)
+  label_issues = None
+  if metalabelnet and config.export_soft_labels:
+    # One inference pass over the training images: the export users of noisy-label tools expect.
+    soft = soft_labels_of_list(state, dataset.train, mesh, eval_batch_size, eval_prep)
+    if lead:
+      labels_lib.write_soft_labels(os.path.join(workdir, "soft_labels.npz"), dataset.train.labels,
+                                   soft, clean, image_file=dataset.train.files)
+    if known.any():  # Clothing1M: the noisy images that also have a clean label
+      label_issues = {"measured_on": int(known.sum()), **labels_lib.label_issue_report(
+          dataset.train.labels[known], soft[known], clean[known])}
   results = {
       "method": config.method,
       "dataset": dataset.name,
@@ -281,6 +307,7 @@ def _train_and_evaluate_stream(config: ml_collections.ConfigDict, workdir: str, 
       "best": progress["best"],
       "last": {k: history[-1][k] for k in selected},
       "history": history,
+      "label_issues": label_issues,
       # Clothing1M's noisy training images partly have a clean label too: their disagreement
       # estimates the real noise rate.
       "noise": {"kind": "real", "realised_rate": estimated_rate,

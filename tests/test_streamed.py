@@ -244,6 +244,17 @@ def test_clothing1m_run_resumed_mid_epoch_equals_an_uninterrupted_run(tmp_path, 
   assert whole["last"]["test_accuracy"] >= 0.5  # 4 colour classes, 25% label noise
   assert whole["noise"]["measured_on"] == 12
   assert os.path.exists(tmp_path / "whole" / "results.json")
+  # The soft-label export: every training image, in list order, with its file; label issues are
+  # measured on the 12 noisy images that also have a clean label.
+  exported = np.load(tmp_path / "whole" / "soft_labels.npz")
+  dataset = file_lists.clothing1m(clothing_root)
+  np.testing.assert_array_equal(exported["image_file"], dataset.train.files)
+  np.testing.assert_array_equal(exported["given_label"], dataset.train.labels)
+  np.testing.assert_array_equal(exported["clean_label"], dataset.clean_train_labels)
+  assert exported["soft_label"].shape == (48, 14)
+  np.testing.assert_allclose(exported["soft_label"].sum(1), 1, rtol=1e-5)
+  assert whole["label_issues"]["measured_on"] == 12
+  assert whole["label_issues"]["labelled"] == 12
 
   real_check = train_stream._check_finite
 

@@ -19,11 +19,29 @@ def test_plan_has_one_command_per_cell():
   assert all("configs/cifar10_cross_entropy.py" in c for c in commands if "cross_entropy_" in c)
 
 
+def fake_history(method, last, num_epochs=6, warmup_epochs=2):
+  """Per-epoch records as a run writes them: test accuracy rising to `last`, soft-label statistics
+  in MetaLabelNet's phase 2."""
+  history = []
+  for epoch in range(1, num_epochs + 1):
+    phase2 = method == "metalabelnet" and epoch > warmup_epochs
+    record = {"epoch": epoch, "test_accuracy": last * epoch / num_epochs,
+              "phase": "metalabelnet" if phase2 else
+                       ("warm-up" if method == "metalabelnet" else "cross-entropy")}
+    if phase2:
+      record.update({"soft_labels/clean_agreement": 0.9, "soft_labels/given_agreement": 0.7})
+      if epoch > warmup_epochs + 1:
+        record["soft_labels/changed_fraction"] = 0.1 / epoch
+    history.append(record)
+  return history
+
+
 def _fake_result(folder, method, kind, rate, seed, best, last):
   folder.mkdir(parents=True)
   (folder / "results.json").write_text(json.dumps({
       "method": method, "seed": seed, "noise": {"kind": kind, "rate": rate, "realised_rate": rate},
       "best": {"test_accuracy": best}, "last": {"test_accuracy": last}, "wall_time_s": 60.0,
+      "history": fake_history(method, last),
       "device": "TEST GPU x1", "jax_version": "0", "commit": "abc1234"}))
 
 
@@ -37,3 +55,6 @@ def test_assemble_averages_seeds_and_marks_missing_cells(tmp_path):
   assert "not run (82.55±0.80)" in text  # cross-entropy uniform 20% was not run
   saved = json.loads((tmp_path / "out" / "table1.json").read_text())
   assert saved["metalabelnet_feature_dependent_40"]["seeds"] == [0, 1]
+  # Figures only for the noise settings that were run.
+  assert sorted(p.name for p in (tmp_path / "out" / "table1_figures").iterdir()) == [
+      "feature_dependent_40_accuracy.png", "feature_dependent_40_soft_labels.png"]

@@ -2,7 +2,7 @@
 # Runs one config on the lent GPU machine (device tool), whose image has JAX and Flax but no
 # ml_collections, clu or TensorFlow: ml_collections travels as a wheel in .whl/, the data pack in
 # .data/cifar10/ (see experiments/gpu/README.md). Extra arguments go to mln_jax.main. Every
-# results.json and comparison.json of the run comes back under $OUT/NAME/ with its relative path.
+# results.json, config.json and comparison.json of the run comes back under $OUT/NAME/ with its path.
 #   bash experiments/gpu/run.sh NAME CONFIG [--config.KEY=VALUE ...]
 set -euo pipefail
 name=$1; config=$2; shift 2
@@ -14,5 +14,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 mkdir -p "$out/$name"
 python3 -m mln_jax.main --config="$config" --workdir="/tmp/runs/$name" \
   --config.data.data_dir=.data/cifar10 "$@" 2>&1 | grep -v "^W0000\|^I0000" | tee "$out/$name.log"
-(cd "/tmp/runs/$name" && find . \( -name results.json -o -name comparison.json \) \
+(cd "/tmp/runs/$name" && find . \( -name results.json -o -name comparison.json -o -name config.json \) \
   -exec cp --parents {} "$out/$name/" \;)
