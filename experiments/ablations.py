@@ -104,10 +104,13 @@ def assemble(ablation: str, folders: Sequence[pathlib.Path], command: str,
       f"{first.get('compute_dtype', 'float32')})",
       f"- commits: {', '.join(sorted({r['commit'] for r in runs}))}",
       f"- command: `{command}`",
-      f"- the other settings: {config['num_epochs']} epochs, {config['warmup_epochs']} warm-up "
-      f"(unless ablated), batch {config['batch_size']}, model {config['model']['name']}", "",
-      "Test accuracy (%), mean ± std over seeds: at the best meta epoch / at the last epoch.", "",
-      f"| {label} | " + " | ".join(methods) + " | seeds | wall time per run (s) |",
+      f"- the other settings: {config['num_epochs']} epochs"
+      + ("" if key == "warmup_epochs" else f", {config['warmup_epochs']} warm-up")
+      + f", batch {config['batch_size']}, model {config['model']['name']}", "",
+      "Test accuracy (%), mean ± std over seeds: at the best meta epoch / at the last epoch. A "
+      "method's seeds train together in one program; the last column is its wall time, averaged "
+      "over the methods.", "",
+      f"| {label} | " + " | ".join(methods) + " | seeds | wall time (s) |",
       "|---|" + "---|" * (len(methods) + 2),
   ]
   report: dict[str, Any] = {"ablation": ablation, "key": key, "cells": {}}

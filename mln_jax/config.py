@@ -216,6 +216,10 @@ def _validate_streamed(config: ml_collections.ConfigDict) -> None:
            "labels; set --config.noise.kind=none (synthetic noise is for cifar10 and digits).")
   _require(config.num_runs == 1, f"config.num_runs={config.num_runs}: runs on {name} stream from "
            "disk one at a time; start one job per seed.")
+  _require(config.augment.pad == 0 and not config.augment.vflip,
+           f"config.augment.pad={config.augment.pad}, vflip={config.augment.vflip}: {name} is "
+           "augmented by centre crops and horizontal flips only (augment.hflip); set "
+           "--config.augment.pad=0 --config.augment.vflip=False.")
   _require(0 < config.data.image_size <= config.data.resize_size,
            f"config.data.image_size={config.data.image_size}, resize_size="
            f"{config.data.resize_size}: {name} needs 0 < image_size <= resize_size (the paper: "

@@ -9,7 +9,8 @@ Layouts (SPEC, "On-disk formats"):
 - Clothing1M: `images/…`, `noisy_label_kv.txt` and `clean_label_kv.txt` (`images/a/b/c.jpg <label>`),
   `noisy_train_key_list.txt`, `clean_val_key_list.txt`, `clean_test_key_list.txt` (a path a line).
 - WebVision 1.0: `info/train_filelist_google.txt` (`google/q0001/x.jpg <label>`),
-  `info/val_filelist.txt` (`x.jpg <label>`, images under `val_images/`), `info/synsets.txt`; optionally
+  `info/val_filelist.txt` (`x.jpg <label>`, images under `val_images/`, or `val_images_256/` in the
+  resized release), `info/synsets.txt`; optionally
   the ILSVRC12 validation images sorted into one folder per synset (`<imagenet_val_dir>/n01440764/…`).
 - image_folder (bring your own): `train/<class>/…` or a `train_list` file (`path <label>`, paths
   relative to the root), and clean `meta/<class>/…` and `test/<class>/…`.
@@ -175,13 +176,18 @@ def webvision(data_dir: str | os.PathLike[str], num_classes: int, num_meta: int,
                           "info/train_filelist_google.txt, info/val_filelist.txt, google/ and "
                           f"val_images/ in {root}")
   train_files, train_labels = _read_pairs(train_list)
+  _check_labels(train_labels, 1000, str(train_list))  # WebVision 1.0 has ImageNet's 1000 classes
   keep = train_labels < num_classes
   train = ImageList(_absolute(root, [f for f, k in zip(train_files, keep) if k]), train_labels[keep])
   _check_images_exist(train.files, str(train_list))
   val_files, val_labels = _read_pairs(val_list)
+  _check_labels(val_labels, 1000, str(val_list))
   keep = val_labels < num_classes
-  val = ImageList(_absolute(root / "val_images", [f for f, k in zip(val_files, keep) if k]),
-                  val_labels[keep])
+  # The widely used resized release (shorter side 256) keeps them in val_images_256/.
+  val_dir = root / "val_images"
+  if not val_dir.is_dir() and (root / "val_images_256").is_dir():
+    val_dir = root / "val_images_256"
+  val = ImageList(_absolute(val_dir, [f for f, k in zip(val_files, keep) if k]), val_labels[keep])
   _check_images_exist(val.files, str(val_list))
   if not 0 < num_meta < len(val):
     raise ValueError(f"config.data.num_meta={num_meta}: WebVision's {len(val)} validation images "
@@ -204,7 +210,9 @@ def _class_folders(root: pathlib.Path, classes: list[str]) -> ImageList:
     if not folder.is_dir():
       raise _layout_error(folder, "class-folder", f"one folder per class ({', '.join(classes[:3])}, "
                           f"…) in {root}")
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
+    # Hidden files (e.g. macOS's `._x.jpg` resource forks) are not images.
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES
+                    and not p.name.startswith("."))
     files += [str(p) for p in images]
     labels += [label] * len(images)
   result = ImageList(np.asarray(files), np.asarray(labels, np.int32))

@@ -101,7 +101,12 @@ def _flips(shape: tuple[int, ...], seed: int, epoch: int, salt: int, enabled: bo
 
 
 def _local_slice(order: np.ndarray) -> np.ndarray:
-  """This process's columns of each global batch (processes split every batch evenly)."""
+  """This process's columns of each global batch (processes split every batch evenly).
+
+  Process i's columns are the i-th block of the global batch: where the mesh lists the devices
+  process by process (`train.make_mesh`, as `jax.devices()` orders them), that is the block its
+  devices hold in `device_batches`.
+  """
   count, index = jax.process_count(), jax.process_index()
   if order.shape[1] % count:
     raise ValueError(f"The global batch of {order.shape[1]} does not split over {count} processes.")
@@ -109,8 +114,41 @@ def _local_slice(order: np.ndarray) -> np.ndarray:
   return order[:, index * per_process:(index + 1) * per_process]
 
 
+def _decodes(path: str) -> bool:
+  try:
+    tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+  except tf.errors.OpError:
+    return False
+  return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+  """This process's batches of one pass: the tf.data pipeline and, per batch, the files it reads
+  (to name them when one cannot be read or decoded)."""
+  dataset: tf.data.Dataset
+  files: np.ndarray  # (batches, local batch size)
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    index = 0
+    iterator = self.dataset.as_numpy_iterator()
+    while True:
+      try:
+        batch = next(iterator)
+      except StopIteration:
+        return
+      except tf.errors.OpError as error:
+        # Orders are fixed, so the same batch would fail again on every resume: name the file.
+        bad = [f for f in self.files[index] if not _decodes(f)] or list(self.files[index])
+        raise ValueError(
+            f"Could not read or decode {', '.join(bad)} ({error.message.strip()}). Remove or "
+            "replace the file (and its line in the list) and run again.") from error
+      yield batch
+      index += 1
+
+
 def _batches(images: ImageList, order: np.ndarray, flips: np.ndarray, prep: Preprocessing,
-             start_step: int, extra: dict[str, np.ndarray] | None = None) -> tf.data.Dataset:
+             start_step: int, extra: dict[str, np.ndarray] | None = None) -> Stream:
   """This process's batches `order[start_step:]` (rows are steps), decoded in parallel, in order."""
   local, local_flips = _local_slice(order), _local_slice(flips)
   local, local_flips = local[start_step:], local_flips[start_step:]
@@ -126,11 +164,12 @@ def _batches(images: ImageList, order: np.ndarray, flips: np.ndarray, prep: Prep
     return example
 
   dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return dataset.batch(local.shape[1], drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  dataset = dataset.batch(local.shape[1], drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return Stream(dataset, images.files[local])
 
 
 def train_batches(images: ImageList, indices: np.ndarray, batch_size: int, prep: Preprocessing,
-                  seed: int, epoch: int, start_step: int = 0) -> tf.data.Dataset:
+                  seed: int, epoch: int, start_step: int = 0) -> Stream:
   """One epoch over `images[indices]` in `(seed, epoch)`'s order, from step `start_step` on.
 
   `batch_size` is global; each process yields its part of every batch (`image` uint8, `label`).
@@ -141,14 +180,14 @@ def train_batches(images: ImageList, indices: np.ndarray, batch_size: int, prep:
 
 
 def meta_batches(images: ImageList, num_steps: int, batch_size: int, prep: Preprocessing,
-                 seed: int, epoch: int, start_step: int = 0) -> tf.data.Dataset:
+                 seed: int, epoch: int, start_step: int = 0) -> Stream:
   """The `num_steps` meta batches that go with training epoch `epoch`, from step `start_step` on."""
   order = cycling_order(len(images), num_steps, batch_size, seed, epoch)
   flips = _flips(order.shape, seed, epoch, _META_FLIPS, prep.hflip)
   return _batches(images, order, flips, prep, start_step)
 
 
-def eval_batches(images: ImageList, batch_size: int, prep: Preprocessing) -> tf.data.Dataset:
+def eval_batches(images: ImageList, batch_size: int, prep: Preprocessing) -> Stream:
   """The whole list once, in order, without flips; the last batch is padded with `valid = False`."""
   prep = dataclasses.replace(prep, hflip=False)
   num_steps = -(-len(images) // batch_size)
@@ -158,7 +197,7 @@ def eval_batches(images: ImageList, batch_size: int, prep: Preprocessing) -> tf.
   return _batches(images, order, np.zeros(order.shape, bool), prep, 0, extra={"valid": valid})
 
 
-def device_batches(dataset: tf.data.Dataset, mesh: Mesh, prefetch: int = 2
+def device_batches(stream: Stream, mesh: Mesh, prefetch: int = 2
                    ) -> Iterator[dict[str, jax.Array]]:
   """Global batches sharded over `mesh`'s 'data' axis, `prefetch` batches ahead of the consumer.
 
@@ -167,7 +206,7 @@ def device_batches(dataset: tf.data.Dataset, mesh: Mesh, prefetch: int = 2
   """
   sharding = NamedSharding(mesh, P("data"))
   queue = collections.deque()
-  for batch in dataset.as_numpy_iterator():
+  for batch in stream:
     queue.append({k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()})
     if len(queue) > prefetch:
       yield queue.popleft()

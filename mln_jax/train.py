@@ -56,8 +56,16 @@ def make_mesh() -> Mesh:
 
 
 def replicate(mesh: Mesh, tree: Any) -> Any:
-  """`tree` (arrays, a train state) put on every device of `mesh` in full."""
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  """`tree` (arrays, a train state) put on every device of `mesh` in full.
+
+  With several processes, each builds its devices' copies from its own (identical) host values;
+  `device_put` would first gather every process's copy to check that they agree.
+  """
+  sharding = NamedSharding(mesh, P())
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  return jax.tree.map(lambda x: jax.make_array_from_callback(
+      np.shape(x), sharding, lambda index, x=np.asarray(x): x[index]), tree)
 
 
 def _augment_fn(config: ml_collections.ConfigDict) -> Callable[[jax.Array, jax.Array], jax.Array]:
@@ -330,7 +338,7 @@ def _git_commit() -> str:
 
 def write_json_atomically(path: str, payload: Any) -> None:
   """Writes JSON so that a reader never sees a half-written file."""
-  tmp = path + ".tmp"
+  tmp = f"{path}.{os.getpid()}.tmp"
   with open(tmp, "w") as f:
     json.dump(payload, f, indent=2)
   os.replace(tmp, path)
@@ -351,7 +359,8 @@ def run_environment(config: ml_collections.ConfigDict) -> dict[str, Any]:
           "commit": _git_commit()}
 
 
-def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, write: bool = True
+                         ) -> None:
   """A workdir belongs to one config: resuming with another would silently mix two runs."""
   path = os.path.join(workdir, "config.json")
   current = json.loads(config.to_json_best_effort())
@@ -362,7 +371,7 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> Non
       changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
       raise ValueError(f"{workdir} holds a run with a different config (differs in: "
                        f"{', '.join(changed)}). Resume with the same config or use a new --workdir.")
-  else:
+  elif write:
     write_json_atomically(path, current)
 
 
@@ -676,6 +685,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[dict[
              for method, runs in results.items()}
   summary["seeds"] = [c.seed for c in configs]
   summary["realised_noise_rate"] = [r["noise"]["realised_rate"] for r in results[methods[0]]]
+  if jax.process_index() > 0:  # process 0 writes and prints for all
+    return results
   write_json_atomically(os.path.join(workdir, "comparison.json"), summary)
   lines = [f"{'method':<15}{'best-by-meta test acc':>24}{'last-epoch test acc':>22}"]
   for method in methods:

@@ -81,11 +81,12 @@ def evaluate_list(evaluate: Callable[..., dict[str, jax.Array]], state: TrainSta
                   prep: input_pipeline.Preprocessing) -> dict[str, float]:
   """Top-1 and top-5 accuracy of the classifier over a whole image list."""
   from mln_jax import input_pipeline
-  totals = {"top1": 0, "top5": 0, "count": 0}
-  dataset = input_pipeline.eval_batches(images, batch_size, prep)
-  for batch in input_pipeline.device_batches(dataset, mesh):
-    for name, value in evaluate(state, batch).items():
-      totals[name] += int(value)
+  totals = None
+  stream = input_pipeline.eval_batches(images, batch_size, prep)
+  for batch in input_pipeline.device_batches(stream, mesh):
+    counts = evaluate(state, batch)  # summed on the device: no host sync per batch
+    totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
+  totals = {name: int(value) for name, value in totals.items()}
   if totals["count"] != len(images):
     raise RuntimeError(f"Evaluated {totals['count']} of {len(images)} images.")
   return {"top1": totals["top1"] / totals["count"], "top5": totals["top5"] / totals["count"]}
@@ -138,8 +139,8 @@ def _train_and_evaluate_stream(config: ml_collections.ConfigDict, workdir: str, 
   from mln_jax import input_pipeline
   lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  if lead:
-    train.check_workdir_config(workdir, config)
+  # Every process compares (so that all stop on a mismatch); only process 0 writes.
+  train.check_workdir_config(workdir, config, write=lead)
   results_path = os.path.join(workdir, train.RESULTS_FILE)
   if os.path.exists(results_path):
     logging.info("%s is complete; returning its results.", workdir)
@@ -168,30 +169,36 @@ def _train_and_evaluate_stream(config: ml_collections.ConfigDict, workdir: str, 
   image_shape = (config.data.image_size, config.data.image_size, 3)
   state = train.new_state(config, model, image_shape, dataset.num_classes,
                           jax.random.PRNGKey(config.seed))
-  if config.model.pretrained:
-    state = _load_pretrained(config, state)
-  elif dataset.name == "clothing1m":
-    logging.warning("The classifier starts from random weights; the paper's Clothing1M protocol "
-                    "starts from ImageNet weights (--config.model.pretrained=<resnet50 .pth>).")
-  state = train.replicate(mesh, state)
   warmup_step, meta_step, evaluate = make_steps(dataset.num_classes)
 
   checkpoints = ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")),
       options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
                                            enable_async_checkpointing=False))
-  # Where the run stands: the epoch, steps taken in it and their metric sums, and the history.
-  progress = {"epoch": 0, "step": 0, "sums": {}, "history": [], "best": None, "elapsed_s": 0.0}
+  # Where the run stands: the epoch, steps taken in it, their metric sums, the metrics of a logging
+  # window cut short by a preemption, and the history.
+  progress = {"epoch": 0, "step": 0, "sums": {}, "window": [], "history": [], "best": None,
+              "elapsed_s": 0.0}
   if checkpoints.latest_step() is not None:
     restored = checkpoints.restore(checkpoints.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(state), progress=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(train.replicate(mesh, state)),
+        progress=ocp.args.JsonRestore()))
     state, progress = restored.state, restored.progress
     logging.info("Resumed from the checkpoint at epoch %d, step %d in %s.", progress["epoch"] + 1,
                  progress["step"], workdir)
+  else:
+    if config.model.pretrained:
+      state = _load_pretrained(config, state)
+    elif dataset.name == "clothing1m":
+      logging.warning("The classifier starts from random weights; the paper's Clothing1M protocol "
+                      "starts from ImageNet weights (--config.model.pretrained=<resnet50 .pth>).")
+    state = train.replicate(mesh, state)
 
   def save(global_step: int) -> None:
-    checkpoints.save(global_step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)))
+    if not checkpoints.save(global_step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress))):
+      raise RuntimeError(f"Orbax did not save step {global_step} in {checkpoints.directory} "
+                         f"(steps there: {checkpoints.all_steps()}).")
 
   writer = writers.create_writer(workdir) if lead else writers.NoSummaryWriter()
   # What `best` and `last` report: the epoch's accuracies on the meta data and every test list.
@@ -199,6 +206,7 @@ def _train_and_evaluate_stream(config: ml_collections.ConfigDict, workdir: str, 
                           for what in ("accuracy", "top5")]
   metalabelnet = config.method == "metalabelnet"
   everything = np.arange(len(dataset.train))
+  global_step = int(state.step)  # kept on the host: asking the device every step would sync it
   while progress["epoch"] < config.num_epochs:
     epoch, start_step = progress["epoch"], progress["step"]
     phase2 = metalabelnet and epoch >= config.warmup_epochs
@@ -216,38 +224,41 @@ def _train_and_evaluate_stream(config: ml_collections.ConfigDict, workdir: str, 
           dataset.meta, num_steps, batch_size, meta_prep, config.seed, epoch, start_step), mesh)
 
     epoch_start = time.time()
-    window, window_start = [], time.time()
+    # A window interrupted by a preemption continues from its saved per-step metrics.
+    window, window_start = [jax.tree.map(np.float32, m) for m in progress["window"]], time.time()
+    preempted = False
     for step in range(start_step, num_steps):
       batch = next(batches)
       if phase2:
         state, metrics = meta_step(state, batch, next(meta_stream))
       else:
         state, metrics = warmup_step(state, batch)
+      global_step += 1
       window.append(metrics)
       last = step + 1 == num_steps
-      if (step + 1) % config.log_every_steps and not last:
-        continue
-      # Windows end at multiples of log_every_steps, so a resumed run sums the same windows.
-      window_metrics = jax.tree.map(lambda *m: np.asarray(jnp.stack(m)), *window)
-      _check_finite(window_metrics, epoch, step + 1)
-      for name, values in window_metrics.items():
-        progress["sums"][name] = progress["sums"].get(name, 0.0) + float(values.sum())
-      logging.info("epoch %d/%d [%s] step %d/%d  loss %.4f  %.0f img/s", epoch + 1,
-                   config.num_epochs, phase, step + 1, num_steps, window_metrics["loss"].mean(),
-                   len(window) * batch_size / (time.time() - window_start))
-      global_step = int(state.step)
-      writer.write_scalars(global_step, {f"train/{k}": float(v.mean())
-                                         for k, v in window_metrics.items()})
-      window, window_start = [], time.time()
-      progress["step"] = step + 1
-      if config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0 and (
-          not last):
-        save(global_step)
       # Orbax learns of a coming preemption (TPU maintenance, a cluster's SIGTERM) through JAX's
-      # distributed runtime; every process reaches this point at the same step.
-      if checkpoints.reached_preemption(global_step):
-        if checkpoints.latest_step() != global_step:
-          save(global_step)
+      # distributed runtime, which needs to be asked at every step; all processes agree on the step.
+      preempted = checkpoints.reached_preemption(global_step)
+      if (step + 1) % config.log_every_steps == 0 or last:
+        # Windows end at multiples of log_every_steps, so a resumed run sums the same windows.
+        window_metrics = jax.tree.map(lambda *m: np.asarray(jnp.stack(m)), *window)
+        _check_finite(window_metrics, epoch, step + 1)
+        for name, values in window_metrics.items():
+          progress["sums"][name] = progress["sums"].get(name, 0.0) + float(values.sum())
+        logging.info("epoch %d/%d [%s] step %d/%d  loss %.4f  %.0f img/s", epoch + 1,
+                     config.num_epochs, phase, step + 1, num_steps, window_metrics["loss"].mean(),
+                     len(window) * batch_size / (time.time() - window_start))
+        writer.write_scalars(global_step, {f"train/{k}": float(v.mean())
+                                           for k, v in window_metrics.items()})
+        window, window_start = [], time.time()
+      progress.update(step=step + 1, window=[{k: float(v) for k, v in m.items()} for m in window]
+                      if preempted else [])
+      if last:
+        break  # the epoch-end checkpoint follows the evaluation (also after a preemption notice)
+      if preempted or (config.checkpoint_every_steps
+                       and (step + 1) % config.checkpoint_every_steps == 0):
+        save(global_step)
+      if preempted:
         checkpoints.wait_until_finished()
         raise Preempted(f"Preemption notice at step {global_step} (epoch {epoch + 1}, step "
                         f"{step + 1}/{num_steps}): checkpoint written; run the same command "
@@ -268,7 +279,7 @@ def _train_and_evaluate_stream(config: ml_collections.ConfigDict, workdir: str, 
     if (phase2 or not metalabelnet) and (
         progress["best"] is None or record["meta_accuracy"] > progress["best"]["meta_accuracy"]):
       progress["best"] = {k: record[k] for k in selected}
-    writer.write_scalars(int(state.step), {k: v for k, v in record.items()
+    writer.write_scalars(global_step, {k: v for k, v in record.items()
                                            if isinstance(v, float) and k != "epoch"})
     logging.info("epoch %d/%d [%s] lr %.0e  meta acc %.4f  %s  (%.0f s)", epoch + 1,
                  config.num_epochs, phase, lr, record["meta_accuracy"],
@@ -276,7 +287,11 @@ def _train_and_evaluate_stream(config: ml_collections.ConfigDict, workdir: str, 
                            f"{record[f'{name}_top5']:.4f}" for name in dataset.tests), epoch_time)
     progress.update(epoch=epoch + 1, step=0, sums={},
                     elapsed_s=progress["elapsed_s"] + epoch_time)
-    save(int(state.step))
+    save(global_step)
+    if preempted:
+      checkpoints.wait_until_finished()
+      raise Preempted(f"Preemption notice at the end of epoch {epoch + 1} (step {global_step}): "
+                      "checkpoint written; run the same command again to resume.")
   checkpoints.wait_until_finished()
   writer.flush()
 

@@ -53,7 +53,8 @@ def test_assemble_groups_runs_by_the_ablated_value_and_writes_figures(tmp_path):
                   seed, accuracy + 0.02 * seed - (0.1 if method == "cross_entropy" else 0))
   path = ablations.assemble("meta_size", [tmp_path / "runs"], "test", out=tmp_path / "out")
   text = path.read_text()
-  assert "| meta-data size | metalabelnet | cross_entropy | seeds |" in text
+  assert "| meta-data size | metalabelnet | cross_entropy | seeds | wall time (s) |" in text
+  assert "- the other settings: 6 epochs, 2 warm-up, batch 32, model conv_bn" in text
   assert "| 50 | 82.00 ± 1.41 / 81.00 ± 1.41 | 72.00 ± 1.41 / 71.00 ± 1.41 | [0, 1] | 30 |" in text
   report = json.loads((tmp_path / "out" / "ablation_meta_size.json").read_text())
   assert report["cells"]["metalabelnet/200"]["last"] == pytest.approx([0.9, 0.92])

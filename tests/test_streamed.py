@@ -83,6 +83,7 @@ def test_webvision_layout_keeps_the_first_classes_and_splits_val_by_seed(webvisi
 
 def test_image_folder_layout_with_and_without_a_train_list(tmp_path):
   fake_layouts.image_folder(tmp_path)
+  (tmp_path / "train/cat/._000.jpg").write_bytes(b"macOS resource fork")  # not an image
   dataset = file_lists.image_folder(tmp_path)
   assert dataset.num_classes == 3
   assert (len(dataset.train), len(dataset.meta), len(dataset.tests["test"])) == (36, 18, 12)
@@ -125,6 +126,18 @@ def test_broken_clothing1m_layouts_are_named(tmp_path, what, error, message):
     file_lists.clothing1m(tmp_path)
 
 
+def test_webvision_resized_release_and_bad_labels(tmp_path):
+  fake_layouts.webvision(tmp_path)
+  (tmp_path / "val_images").rename(tmp_path / "val_images_256")  # the resized release's name
+  dataset = file_lists.webvision(tmp_path, 4, 8, seed=0)
+  assert all("/val_images_256/" in f for f in dataset.meta.files)
+  lines = (tmp_path / "info/val_filelist.txt").read_text().splitlines()
+  lines[0] = lines[0].split()[0] + " -1"
+  (tmp_path / "info/val_filelist.txt").write_text("\n".join(lines) + "\n")
+  with pytest.raises(ValueError, match=r"val_filelist.txt: label -1 lies outside \[0, 1000\)"):
+    file_lists.webvision(tmp_path, 4, 8, seed=0)
+
+
 def test_other_layout_errors(tmp_path, webvision_root):
   with pytest.raises(FileNotFoundError, match="info/train_filelist_google.txt does not exist"):
     file_lists.webvision(tmp_path, 4, 8, seed=0)
@@ -138,8 +151,8 @@ def test_other_layout_errors(tmp_path, webvision_root):
     file_lists.load(tiny_streamed("clothing1m", "").data, seed=0)
 
 
-def _stack(dataset):
-  batches = list(dataset.as_numpy_iterator())
+def _stack(stream):
+  batches = list(stream)
   return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
@@ -180,7 +193,7 @@ def test_preprocessing_resizes_crops_and_flips(tmp_path):
   images = file_lists.ImageList(np.asarray([str(tmp_path / "a.png")] * 2), np.asarray([0, 0]))
   order, flips = np.asarray([[0, 1]]), np.asarray([[False, True]])
   shorter = input_pipeline.Preprocessing(20, 16, resize_mode="shorter_side")
-  batch = next(input_pipeline._batches(images, order, flips, shorter, 0).as_numpy_iterator())
+  batch = next(iter(input_pipeline._batches(images, order, flips, shorter, 0)))
   plain, flipped = batch["image"]
   assert plain.shape == (16, 16, 3)
   # Shorter side 40 -> 20 keeps the aspect (20x40); the centre crop keeps the red mark in the middle.
@@ -188,7 +201,7 @@ def test_preprocessing_resizes_crops_and_flips(tmp_path):
   assert plain[8, 0].mean() < 60 and plain[8, 15].mean() > 200  # black left, white right
   np.testing.assert_array_equal(flipped, plain[:, ::-1])
   square = input_pipeline.Preprocessing(20, 16, resize_mode="square")
-  squashed = next(input_pipeline._batches(images, order, flips, square, 0).as_numpy_iterator())
+  squashed = next(iter(input_pipeline._batches(images, order, flips, square, 0)))
   assert squashed["image"].shape == (2, 16, 16, 3)
   assert not np.array_equal(squashed["image"][0], plain)  # 40x80 -> 20x20 squashes the image
   with pytest.raises(ValueError, match="resize_mode='crop'"):
@@ -219,9 +232,9 @@ def test_device_batches_are_sharded_over_four_devices(clothing_root):
   assert jax.device_count() == 4
   mesh = Mesh(np.array(jax.devices()), ("data",))
   images = file_lists.clothing1m(clothing_root).train
-  dataset = input_pipeline.train_batches(images, np.arange(48), 8, PREP, 0, 0)
-  on_devices = list(input_pipeline.device_batches(dataset, mesh, prefetch=2))
-  host = list(dataset.as_numpy_iterator())
+  stream = input_pipeline.train_batches(images, np.arange(48), 8, PREP, 0, 0)
+  on_devices = list(input_pipeline.device_batches(stream, mesh, prefetch=2))
+  host = list(stream)
   assert len(on_devices) == len(host) == 6
   for device_batch, host_batch in zip(on_devices, host):
     image = device_batch["image"]
@@ -275,16 +288,67 @@ def test_clothing1m_run_resumed_mid_epoch_equals_an_uninterrupted_run(tmp_path, 
   jax.tree.map(np.testing.assert_array_equal, restore(tmp_path / "killed"),
                restore(tmp_path / "whole"))
 
-  # A preemption notice (orbax's sync point) at global step 10, the 4th of the second epoch's 6
-  # steps, in a run with checkpoints at epoch ends only: the run checkpoints there and stops.
+  # Preemption notices (orbax's sync point; JAX's runtime asks at every step) in a run with
+  # checkpoints at epoch ends only: at global step 9 (epoch 2, step 3 of 6, inside a logging
+  # window) and at step 12 (the last of epoch 2). Each time the run checkpoints and stops.
   epoch_ends_only = tiny_streamed("clothing1m", clothing_root, checkpoint_every_steps=0)
-  with monkeypatch.context() as patch:
-    patch.setattr(ocp.CheckpointManager, "reached_preemption", lambda self, step: step == 10)
-    with pytest.raises(train_stream.Preempted, match="at step 10 .epoch 2, step 4/6.: checkpoint"):
-      train_stream.train_and_evaluate_stream(epoch_ends_only, str(tmp_path / "preempted"))
-  assert ocp.CheckpointManager(str(tmp_path / "preempted" / "checkpoints")).latest_step() == 10
-  resumed = train_stream.train_and_evaluate_stream(epoch_ends_only, str(tmp_path / "preempted"))
-  assert _history_without_times(resumed) == _history_without_times(whole)
+  for notice, message in ((9, r"at step 9 \(epoch 2, step 3/6\)"), (12, "at the end of epoch 2")):
+    asked = []
+
+    def reached_preemption(self, step, notice=notice, asked=asked):
+      asked.append(step)
+      return step == notice
+
+    with monkeypatch.context() as patch:
+      patch.setattr(ocp.CheckpointManager, "reached_preemption", reached_preemption)
+      with pytest.raises(train_stream.Preempted, match=message):
+        train_stream.train_and_evaluate_stream(epoch_ends_only, str(tmp_path / f"notice{notice}"))
+    # Asked after every step (orbax also asks when saving).
+    assert sorted(set(asked)) == list(range(1, notice + 1))
+    checkpoints = ocp.CheckpointManager(str(tmp_path / f"notice{notice}" / "checkpoints"))
+    assert checkpoints.latest_step() == notice
+  for notice in (9, 12):
+    resumed = train_stream.train_and_evaluate_stream(epoch_ends_only,
+                                                     str(tmp_path / f"notice{notice}"))
+    assert _history_without_times(resumed) == _history_without_times(whole)
+
+
+def test_evaluation_counts_every_image_once_despite_padding(tmp_path, clothing_root):
+  from mln_jax import augment, steps, train
+  config = tiny_streamed("clothing1m", clothing_root)
+  meta = file_lists.clothing1m(clothing_root).meta  # 24 images: batches of 16 leave 8 padded
+  state = train.new_state(config, train.build_model(config, 14), (16, 16, 3), 14,
+                          jax.random.PRNGKey(3))
+  images = _stack(input_pipeline.eval_batches(meta, 24, PREP))["image"][0]
+  ranked = np.argsort(-np.asarray(steps.predict(state, augment.normalise_imagenet(images))), 1)
+  # Labels the model gets right (top-1) at even positions, including image 0, which is what the
+  # padding repeats: counting padding would inflate both accuracies.
+  labels = np.where(np.arange(24) % 2 == 0, ranked[:, 0], ranked[:, 7]).astype(np.int32)
+  labels[1] = ranked[1, 3]  # one more top-5 hit that is not a top-1 hit
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  _, _, evaluate = train_stream.make_steps(14)
+  accuracy = train_stream.evaluate_list(evaluate, state, file_lists.ImageList(meta.files, labels),
+                                        mesh, 16, PREP)
+  assert accuracy == {"top1": 12 / 24, "top5": 13 / 24}
+
+
+def test_an_undecodable_image_is_named(tmp_path):
+  fake_layouts.clothing1m(tmp_path)
+  (tmp_path / "images/3/0/00003.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+  images = file_lists.clothing1m(tmp_path).train
+  with pytest.raises(ValueError, match=r"Could not read or decode [^,]*/images/3/0/00003.jpg \("):
+    _stack(input_pipeline.train_batches(images, np.arange(48), 48, PREP, 0, 0))
+
+
+def test_replicated_state_is_built_per_process(monkeypatch):
+  from mln_jax import train
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  tree = {"w": np.arange(6.0).reshape(2, 3), "step": np.int32(4)}
+  monkeypatch.setattr(jax, "process_count", lambda: 2)  # takes the multi-process branch
+  replicated = train.replicate(mesh, tree)
+  assert replicated["w"].sharding.is_fully_replicated
+  np.testing.assert_array_equal(replicated["w"], tree["w"])
+  assert int(replicated["step"]) == 4
 
 
 def test_unlabelled_images_join_phase_2_only(tmp_path, clothing_root):
@@ -339,6 +403,7 @@ def test_webvision_cli_reports_top1_and_top5_on_both_test_sets(tmp_path, webvisi
     ({"checkpoint_every_steps": 3}, "must be 0 or a multiple of config.log_every_steps=2"),
     ({"data.resize_mode": "crop"}, "choose 'square' or 'shorter_side'"),
     ({"model.pretrained": "w.pth"}, "loads torchvision ResNet weights only"),
+    ({"augment.vflip": True}, "centre crops and horizontal flips only"),
 ])
 def test_bad_streamed_configs_are_rejected(tmp_path, overrides, message):
   with pytest.raises(ValueError, match=message):
