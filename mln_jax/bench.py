@@ -139,9 +139,9 @@ def measure_streamed_steps(config: ml_collections.ConfigDict, kind: str, num_ste
   model = train.build_model(config, num_classes)
   state = train.replicate(mesh, freeze_extractor(train.new_state(
       config, model, (size, size, 3), num_classes, jax.random.PRNGKey(0))))
-  warmup, meta, _ = train_stream.make_steps(num_classes)
-  step_fn, args = ((warmup, lambda i: (batches[i % 2][0],)) if kind == "cross_entropy"
-                   else (meta, lambda i: batches[i % 2]))
+  step_fns = train_stream.make_steps(num_classes, mesh)
+  step_fn, args = ((step_fns.warmup, lambda i: (batches[i % 2][0],)) if kind == "cross_entropy"
+                   else (step_fns.meta, lambda i: batches[i % 2]))
   start = time.perf_counter()
   compiled = step_fn.lower(state, *args(0)).compile()
   compile_s = time.perf_counter() - start

@@ -148,14 +148,16 @@ class Stream:
 
 
 def _batches(images: ImageList, order: np.ndarray, flips: np.ndarray, prep: Preprocessing,
-             start_step: int, extra: dict[str, np.ndarray] | None = None) -> Stream:
-  """This process's batches `order[start_step:]` (rows are steps), decoded in parallel, in order."""
-  local, local_flips = _local_slice(order), _local_slice(flips)
-  local, local_flips = local[start_step:], local_flips[start_step:]
+             start_step: int, extra: dict[str, np.ndarray] | None = None,
+             every_process_whole: bool = False) -> Stream:
+  """This process's batches `order[start_step:]` (rows are steps), decoded in parallel, in order;
+  with `every_process_whole`, the whole batches in every process."""
+  part = (lambda x: x) if every_process_whole else _local_slice
+  local, local_flips = part(order)[start_step:], part(flips)[start_step:]
   columns = {"path": images.files[local.ravel()], "flip": local_flips.ravel(),
              "label": images.labels[local.ravel()]}
   for name, values in (extra or {}).items():
-    columns[name] = _local_slice(values)[start_step:].ravel()
+    columns[name] = part(values)[start_step:].ravel()
   dataset = tf.data.Dataset.from_tensor_slices(columns)
 
   def load(example):
@@ -179,12 +181,30 @@ def train_batches(images: ImageList, indices: np.ndarray, batch_size: int, prep:
   return _batches(images, order, flips, prep, start_step)
 
 
+def meta_schedule(num_items: int, num_steps: int, batch_size: int, seed: int, epoch: int,
+                  hflip: bool) -> tuple[np.ndarray, np.ndarray]:
+  """Which meta images (and whether flipped) make the `num_steps` meta batches of training epoch
+  `epoch`: two (steps, batch_size) arrays."""
+  order = cycling_order(num_items, num_steps, batch_size, seed, epoch)
+  return order, _flips(order.shape, seed, epoch, _META_FLIPS, hflip)
+
+
 def meta_batches(images: ImageList, num_steps: int, batch_size: int, prep: Preprocessing,
                  seed: int, epoch: int, start_step: int = 0) -> Stream:
   """The `num_steps` meta batches that go with training epoch `epoch`, from step `start_step` on."""
-  order = cycling_order(len(images), num_steps, batch_size, seed, epoch)
-  flips = _flips(order.shape, seed, epoch, _META_FLIPS, prep.hflip)
+  order, flips = meta_schedule(len(images), num_steps, batch_size, seed, epoch, prep.hflip)
   return _batches(images, order, flips, prep, start_step)
+
+
+def decode_all(images: ImageList, prep: Preprocessing, batch_size: int = 256) -> np.ndarray:
+  """Every image of the list resized and centre-cropped, unflipped, as uint8 (N, size, size, 3) in
+  list order, in every process (for a meta set kept in device memory)."""
+  prep = dataclasses.replace(prep, hflip=False)
+  num_steps = -(-len(images) // batch_size)
+  order = np.minimum(np.arange(num_steps * batch_size), len(images) - 1).reshape(num_steps, -1)
+  stream = _batches(images, order, np.zeros(order.shape, bool), prep, 0,
+                    every_process_whole=True)
+  return np.concatenate([batch["image"] for batch in stream])[:len(images)]
 
 
 def eval_batches(images: ImageList, batch_size: int, prep: Preprocessing) -> Stream:

@@ -13,9 +13,10 @@ uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from absl import logging
 import jax
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mln_jax import augment, config as config_lib, file_lists, labels as labels_lib, steps, train
 from mln_jax import writers
@@ -41,12 +42,32 @@ def _normalised(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   return {"image": augment.normalise_imagenet(batch["image"]), "label": batch["label"]}
 
 
-def make_steps(num_classes: int) -> tuple[StepFn, StepFn, Callable[..., dict[str, jax.Array]]]:
-  """Jitted warm-up step, meta step (both donate the state) and evaluation on uint8 batches."""
+class Steps(NamedTuple):
+  """The streamed loop's jitted steps on uint8 batches (normalised on the device)."""
+  warmup: StepFn            # (state, batch) -> (state, metrics); donates the state
+  meta: StepFn              # (state, batch, meta_batch) -> (state, metrics); donates the state
+  meta_from_memory: StepFn  # (state, batch, meta_images, meta_labels, order, flips, step) -> ...
+  evaluate: Callable[..., dict[str, jax.Array]]  # (state, batch) -> hit counts
+
+
+def make_steps(num_classes: int, mesh: Mesh | None = None) -> Steps:
+  """Jitted steps; `meta_from_memory` takes its meta batch from a meta set kept in device memory
+  (uint8), gathered and flipped on the device and sharded over `mesh` like a streamed batch."""
   warmup = jax.jit(lambda state, batch: steps.warmup_step(state, _normalised(batch)),
                    donate_argnums=0)
   meta = jax.jit(lambda state, batch, meta_batch: steps.meta_step(
       state, _normalised(batch), _normalised(meta_batch)), donate_argnums=0)
+  shard = ((lambda x: x) if mesh is None else
+           (lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("data")))))
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def meta_from_memory(state, batch, meta_images, meta_labels, order, flips, step):
+    indices, flip = order[step], flips[step]
+    images = meta_images[indices]
+    images = jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
+    meta_batch = {"image": shard(images), "label": shard(meta_labels[indices])}
+    return steps.meta_step(state, _normalised(batch), _normalised(meta_batch))
+
   top_k = min(5, num_classes)
 
   @jax.jit
@@ -59,7 +80,7 @@ def make_steps(num_classes: int) -> tuple[StepFn, StepFn, Callable[..., dict[str
     return {"top1": jnp.sum(hits[:, 0] & valid), "top5": jnp.sum(hits.any(-1) & valid),
             "count": jnp.sum(valid)}
 
-  return warmup, meta, evaluate
+  return Steps(warmup, meta, meta_from_memory, evaluate)
 
 
 def soft_labels_of_list(state: TrainState, images: file_lists.ImageList, mesh: Mesh,
@@ -169,7 +190,8 @@ def _train_and_evaluate_stream(config: ml_collections.ConfigDict, workdir: str, 
   image_shape = (config.data.image_size, config.data.image_size, 3)
   state = train.new_state(config, model, image_shape, dataset.num_classes,
                           jax.random.PRNGKey(config.seed))
-  warmup_step, meta_step, evaluate = make_steps(dataset.num_classes)
+  step_fns = make_steps(dataset.num_classes, mesh)
+  evaluate = step_fns.evaluate
 
   checkpoints = ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")),
@@ -207,6 +229,7 @@ def _train_and_evaluate_stream(config: ml_collections.ConfigDict, workdir: str, 
   metalabelnet = config.method == "metalabelnet"
   everything = np.arange(len(dataset.train))
   global_step = int(state.step)  # kept on the host: asking the device every step would sync it
+  meta_images = meta_labels = None
   while progress["epoch"] < config.num_epochs:
     epoch, start_step = progress["epoch"], progress["step"]
     phase2 = metalabelnet and epoch >= config.warmup_epochs
@@ -219,7 +242,14 @@ def _train_and_evaluate_stream(config: ml_collections.ConfigDict, workdir: str, 
     num_steps = len(indices) // batch_size
     batches = input_pipeline.device_batches(input_pipeline.train_batches(
         dataset.train, indices, batch_size, prep, config.seed, epoch, start_step), mesh)
-    if phase2:
+    if phase2 and config.data.meta_in_memory:
+      if meta_images is None:
+        # Decoded once and kept on every device as uint8: phase 2 then decodes only training images.
+        meta_images = train.replicate(mesh, input_pipeline.decode_all(dataset.meta, eval_prep))
+        meta_labels = train.replicate(mesh, dataset.meta.labels)
+      meta_order, meta_flips = train.replicate(mesh, input_pipeline.meta_schedule(
+          len(dataset.meta), num_steps, batch_size, config.seed, epoch, meta_prep.hflip))
+    elif phase2:
       meta_stream = input_pipeline.device_batches(input_pipeline.meta_batches(
           dataset.meta, num_steps, batch_size, meta_prep, config.seed, epoch, start_step), mesh)
 
@@ -229,10 +259,13 @@ def _train_and_evaluate_stream(config: ml_collections.ConfigDict, workdir: str, 
     preempted = False
     for step in range(start_step, num_steps):
       batch = next(batches)
-      if phase2:
-        state, metrics = meta_step(state, batch, next(meta_stream))
+      if phase2 and config.data.meta_in_memory:
+        state, metrics = step_fns.meta_from_memory(state, batch, meta_images, meta_labels,
+                                                   meta_order, meta_flips, step)
+      elif phase2:
+        state, metrics = step_fns.meta(state, batch, next(meta_stream))
       else:
-        state, metrics = warmup_step(state, batch)
+        state, metrics = step_fns.warmup(state, batch)
       global_step += 1
       window.append(metrics)
       last = step + 1 == num_steps

@@ -183,6 +183,18 @@ def test_meta_stream_cycles_through_whole_passes(clothing_root):
   np.testing.assert_array_equal(batches["label"], meta.labels[order])
 
 
+def test_meta_set_in_memory_gives_the_streamed_meta_batches(clothing_root):
+  meta = file_lists.clothing1m(clothing_root).meta
+  pixels = input_pipeline.decode_all(meta, PREP, batch_size=10)  # 24 = 10 + 10 + 4 (padded)
+  assert pixels.shape == (24, 16, 16, 3) and pixels.dtype == np.uint8
+  order, flips = input_pipeline.meta_schedule(len(meta), 5, 8, seed=0, epoch=2, hflip=True)
+  gathered = np.where(flips[..., None, None, None], pixels[order][:, :, :, ::-1], pixels[order])
+  streamed = _stack(input_pipeline.meta_batches(meta, 5, 8, PREP, seed=0, epoch=2))
+  np.testing.assert_array_equal(gathered, streamed["image"])
+  np.testing.assert_array_equal(meta.labels[order], streamed["label"])
+  assert 0 < flips.mean() < 1
+
+
 def test_preprocessing_resizes_crops_and_flips(tmp_path):
   # A 40x80 image: left half black, right half white, a red centre mark.
   pixels = np.zeros((40, 80, 3), np.uint8)
@@ -326,7 +338,7 @@ def test_evaluation_counts_every_image_once_despite_padding(tmp_path, clothing_r
   labels = np.where(np.arange(24) % 2 == 0, ranked[:, 0], ranked[:, 7]).astype(np.int32)
   labels[1] = ranked[1, 3]  # one more top-5 hit that is not a top-1 hit
   mesh = Mesh(np.array(jax.devices()), ("data",))
-  _, _, evaluate = train_stream.make_steps(14)
+  evaluate = train_stream.make_steps(14).evaluate
   accuracy = train_stream.evaluate_list(evaluate, state, file_lists.ImageList(meta.files, labels),
                                         mesh, 16, PREP)
   assert accuracy == {"top1": 12 / 24, "top5": 13 / 24}
@@ -358,6 +370,16 @@ def test_unlabelled_images_join_phase_2_only(tmp_path, clothing_root):
   assert (results["num_train"], results["num_labelled"], results["num_meta"]) == (48, 24, 16)
   # Warm-up: 24 labelled images = 3 batches; phase 2: all 48 = 6 batches per epoch.
   assert [r["steps"] for r in results["history"]] == [3, 6, 6]
+
+
+def test_meta_set_in_memory_or_streamed_trains_the_same(tmp_path, clothing_root):
+  in_memory, streamed = (train_stream.train_and_evaluate_stream(
+      tiny_streamed("clothing1m", clothing_root, **{"data.meta_in_memory": flag}),
+      str(tmp_path / str(flag))) for flag in (True, False))
+  for a, b in zip(in_memory["history"], streamed["history"]):
+    for key in ("train/loss", "train/meta_loss", "meta_accuracy", "test_accuracy"):
+      if key in a:
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
 
 
 def test_sharded_run_matches_a_single_device_run(tmp_path, clothing_root):

@@ -1,0 +1,59 @@
+"""Two processes (as two hosts would) train one streamed run together on CPU: each reads its half of
+every batch, orbax checkpoints once, process 0 alone writes results, and the numbers are those of
+one process holding all four devices."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("tensorflow")
+
+TESTS = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+import fake_layouts  # noqa: E402
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _start(process_id, num_processes, port, workdir, data_dir):
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  return subprocess.Popen(
+      [sys.executable, str(TESTS / "multiprocess_driver.py"), str(process_id), str(num_processes),
+       str(port), str(workdir), str(data_dir)],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=TESTS.parent, env=env)
+
+
+def _history(process):
+  stdout, stderr = process.communicate(timeout=600)
+  assert process.returncode == 0, stderr[-3000:]
+  line = next(l for l in stdout.splitlines() if l.startswith("HISTORY "))
+  return json.loads(line[len("HISTORY "):])
+
+
+def test_two_processes_train_like_one(tmp_path):
+  fake_layouts.clothing1m(tmp_path / "data")
+  port = _free_port()
+  pair = [_start(i, 2, port, tmp_path / "two", tmp_path / "data") for i in range(2)]
+  two = [_history(p) for p in pair]
+  one = _history(_start(0, 1, port, tmp_path / "one", tmp_path / "data"))
+  assert [r["process"] for r in two] == [0, 1] and two[0]["devices"] == one["devices"] == 4
+  # Both processes see the same run; it matches one process with the same four devices.
+  for record_0, record_1, record in zip(two[0]["history"], two[1]["history"], one["history"]):
+    for key in ("train/loss", "train/meta_loss", "meta_accuracy", "test_accuracy", "test_top5"):
+      if key in record:
+        assert record_0[key] == record_1[key]
+        assert record_0[key] == pytest.approx(record[key], rel=1e-5, abs=1e-6), key
+  # One writer: the results, soft labels and summary exist once, from process 0.
+  written = sorted(str(p.relative_to(tmp_path / "two")) for p in (tmp_path / "two").rglob("*")
+                   if p.is_file() and "checkpoints" not in p.parts and p.suffix != ".v2")
+  assert written == ["comparison.json", "config.json", "results.json", "soft_labels.npz"]
+  assert not list((tmp_path / "two").rglob("*.tmp"))
