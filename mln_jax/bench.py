@@ -123,7 +123,8 @@ def measure_streamed_steps(config: ml_collections.ConfigDict, kind: str, num_ste
                            repeats: int) -> dict[str, Any]:
   """Images/s of the streamed loop's jitted warm-up or meta step (`train_stream.make_steps`) on
   synthetic uint8 batches of the config's shapes, sharded over the devices, with its compile time
-  and XLA's FLOP count."""
+  and XLA's FLOP count. The meta step is the one the loop runs by default: its meta batch comes
+  from a meta set in device memory (`data.meta_in_memory`)."""
   mesh = train.make_mesh()
   num_classes = _streamed_num_classes(config)
   size = config.data.image_size
@@ -135,13 +136,21 @@ def measure_streamed_steps(config: ml_collections.ConfigDict, kind: str, num_ste
         {"image": rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8),
          "label": rng.integers(0, num_classes, config.batch_size).astype(np.int32)}, sharded)
 
-  batches = [(batch(), batch()) for _ in range(2)]  # (training, meta) pairs, used in turn
+  batches = [batch() for _ in range(2)]  # used in turn
+  num_meta = 4 * config.batch_size
+  meta_images = train.replicate(mesh, rng.integers(0, 256, (num_meta, size, size, 3), np.uint8))
+  meta_labels = train.replicate(mesh, rng.integers(0, num_classes, num_meta).astype(np.int32))
+  meta_order = train.replicate(mesh, rng.integers(0, num_meta, (2, config.batch_size)))
+  meta_flips = train.replicate(mesh, rng.random((2, config.batch_size)) < 0.5)
   model = train.build_model(config, num_classes)
   state = train.replicate(mesh, freeze_extractor(train.new_state(
       config, model, (size, size, 3), num_classes, jax.random.PRNGKey(0))))
   step_fns = train_stream.make_steps(num_classes, mesh)
-  step_fn, args = ((step_fns.warmup, lambda i: (batches[i % 2][0],)) if kind == "cross_entropy"
-                   else (step_fns.meta, lambda i: batches[i % 2]))
+  if kind == "cross_entropy":
+    step_fn, args = step_fns.warmup, lambda i: (batches[i % 2],)
+  else:
+    step_fn, args = step_fns.meta_from_memory, lambda i: (
+        batches[i % 2], meta_images, meta_labels, meta_order, meta_flips, i % 2)
   start = time.perf_counter()
   compiled = step_fn.lower(state, *args(0)).compile()
   compile_s = time.perf_counter() - start

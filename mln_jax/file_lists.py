@@ -210,9 +210,10 @@ def _class_folders(root: pathlib.Path, classes: list[str]) -> ImageList:
     if not folder.is_dir():
       raise _layout_error(folder, "class-folder", f"one folder per class ({', '.join(classes[:3])}, "
                           f"…) in {root}")
-    # Hidden files (e.g. macOS's `._x.jpg` resource forks) are not images.
+    # Hidden files and folders (macOS's `._x.jpg`, `.ipynb_checkpoints/`) hold no images.
     images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES
-                    and not p.name.startswith("."))
+                    and not any(part.startswith(".")
+                                for part in p.relative_to(folder).parts))
     files += [str(p) for p in images]
     labels += [label] * len(images)
   result = ImageList(np.asarray(files), np.asarray(labels, np.int32))

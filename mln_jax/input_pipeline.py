@@ -204,7 +204,11 @@ def decode_all(images: ImageList, prep: Preprocessing, batch_size: int = 256) ->
   order = np.minimum(np.arange(num_steps * batch_size), len(images) - 1).reshape(num_steps, -1)
   stream = _batches(images, order, np.zeros(order.shape, bool), prep, 0,
                     every_process_whole=True)
-  return np.concatenate([batch["image"] for batch in stream])[:len(images)]
+  pixels = np.empty((len(images), prep.image_size, prep.image_size, 3), np.uint8)
+  for index, batch in enumerate(stream):  # filled in place: one copy of the set in host memory
+    rows = pixels[index * batch_size:(index + 1) * batch_size]
+    rows[:] = batch["image"][:len(rows)]
+  return pixels
 
 
 def eval_batches(images: ImageList, batch_size: int, prep: Preprocessing) -> Stream:

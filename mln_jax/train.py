@@ -359,6 +359,11 @@ def run_environment(config: ml_collections.ConfigDict) -> dict[str, Any]:
           "commit": _git_commit()}
 
 
+# Settings a resumed run may change: they do not change its numbers (e.g. keeping the meta set in
+# device memory or streaming it gives the same batches, and may be switched when memory runs short).
+RESUMABLE_CHANGES = ("data.meta_in_memory", "export_soft_labels")
+
+
 def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, write: bool = True
                          ) -> None:
   """A workdir belongs to one config: resuming with another would silently mix two runs."""
@@ -366,9 +371,10 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, write:
   current = json.loads(config.to_json_best_effort())
   if os.path.exists(path):
     with open(path) as f:
-      saved = json.load(f)
-    if saved != current:
-      changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+      saved, now = _flatten(json.load(f)), _flatten(current)
+    changed = sorted(k for k in set(saved) | set(now)
+                     if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
       raise ValueError(f"{workdir} holds a run with a different config (differs in: "
                        f"{', '.join(changed)}). Resume with the same config or use a new --workdir.")
   elif write:

@@ -200,7 +200,7 @@ def _train_and_evaluate_stream(config: ml_collections.ConfigDict, workdir: str, 
   # Where the run stands: the epoch, steps taken in it, their metric sums, the metrics of a logging
   # window cut short by a preemption, and the history.
   progress = {"epoch": 0, "step": 0, "sums": {}, "window": [], "history": [], "best": None,
-              "elapsed_s": 0.0}
+              "elapsed_s": 0.0, "epoch_train_s": 0.0}
   if checkpoints.latest_step() is not None:
     restored = checkpoints.restore(checkpoints.latest_step(), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(train.replicate(mesh, state)),
@@ -253,11 +253,12 @@ def _train_and_evaluate_stream(config: ml_collections.ConfigDict, workdir: str, 
       meta_stream = input_pipeline.device_batches(input_pipeline.meta_batches(
           dataset.meta, num_steps, batch_size, meta_prep, config.seed, epoch, start_step), mesh)
 
-    epoch_start = time.time()
     # A window interrupted by a preemption continues from its saved per-step metrics.
-    window, window_start = [jax.tree.map(np.float32, m) for m in progress["window"]], time.time()
+    window, window_start = ([jax.tree.map(np.float32, m) for m in progress.get("window", [])],
+                            time.time())
     preempted = False
     for step in range(start_step, num_steps):
+      step_start = time.time()
       batch = next(batches)
       if phase2 and config.data.meta_in_memory:
         state, metrics = step_fns.meta_from_memory(state, batch, meta_images, meta_labels,
@@ -285,7 +286,9 @@ def _train_and_evaluate_stream(config: ml_collections.ConfigDict, workdir: str, 
                                            for k, v in window_metrics.items()})
         window, window_start = [], time.time()
       progress.update(step=step + 1, window=[{k: float(v) for k, v in m.items()} for m in window]
-                      if preempted else [])
+                      if preempted else [],
+                      # Training time of the epoch so far, also across an interruption.
+                      epoch_train_s=progress.get("epoch_train_s", 0.0) + time.time() - step_start)
       if last:
         break  # the epoch-end checkpoint follows the evaluation (also after a preemption notice)
       if preempted or (config.checkpoint_every_steps
@@ -296,8 +299,7 @@ def _train_and_evaluate_stream(config: ml_collections.ConfigDict, workdir: str, 
         raise Preempted(f"Preemption notice at step {global_step} (epoch {epoch + 1}, step "
                         f"{step + 1}/{num_steps}): checkpoint written; run the same command "
                         f"again to resume.")
-    train_time = time.time() - epoch_start
-
+    eval_start = time.time()
     record = {"epoch": epoch + 1, "phase": phase, "learning_rate": lr, "steps": num_steps,
               **{f"train/{k}": v / num_steps for k, v in progress["sums"].items()}}
     meta_accuracy = evaluate_list(evaluate, state, dataset.meta, mesh, eval_batch_size, eval_prep)
@@ -305,9 +307,11 @@ def _train_and_evaluate_stream(config: ml_collections.ConfigDict, workdir: str, 
     for name, images in dataset.tests.items():
       accuracy = evaluate_list(evaluate, state, images, mesh, eval_batch_size, eval_prep)
       record.update({f"{name}_accuracy": accuracy["top1"], f"{name}_top5": accuracy["top5"]})
-    epoch_time = time.time() - epoch_start
+    # Times of the whole epoch, also when it was interrupted and resumed.
+    train_time = progress["epoch_train_s"]
+    epoch_time = train_time + time.time() - eval_start
     record.update({"train_time_s": train_time, "epoch_time_s": epoch_time,
-                   "images_per_s": (num_steps - start_step) * batch_size / train_time})
+                   "images_per_s": num_steps * batch_size / train_time})
     progress["history"].append(record)
     if (phase2 or not metalabelnet) and (
         progress["best"] is None or record["meta_accuracy"] > progress["best"]["meta_accuracy"]):
@@ -318,7 +322,7 @@ def _train_and_evaluate_stream(config: ml_collections.ConfigDict, workdir: str, 
                  config.num_epochs, phase, lr, record["meta_accuracy"],
                  "  ".join(f"{name} acc {record[f'{name}_accuracy']:.4f} top-5 "
                            f"{record[f'{name}_top5']:.4f}" for name in dataset.tests), epoch_time)
-    progress.update(epoch=epoch + 1, step=0, sums={},
+    progress.update(epoch=epoch + 1, step=0, sums={}, epoch_train_s=0.0,
                     elapsed_s=progress["elapsed_s"] + epoch_time)
     save(global_step)
     if preempted:

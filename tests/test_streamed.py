@@ -84,6 +84,8 @@ def test_webvision_layout_keeps_the_first_classes_and_splits_val_by_seed(webvisi
 def test_image_folder_layout_with_and_without_a_train_list(tmp_path):
   fake_layouts.image_folder(tmp_path)
   (tmp_path / "train/cat/._000.jpg").write_bytes(b"macOS resource fork")  # not an image
+  fake_layouts.write_image(tmp_path / "train/cat/.ipynb_checkpoints/000.jpg", 0,
+                           np.random.default_rng(0))  # a hidden folder: not a training image
   dataset = file_lists.image_folder(tmp_path)
   assert dataset.num_classes == 3
   assert (len(dataset.train), len(dataset.meta), len(dataset.tests["test"])) == (36, 18, 12)
@@ -288,12 +290,15 @@ def test_clothing1m_run_resumed_mid_epoch_equals_an_uninterrupted_run(tmp_path, 
       raise KeyboardInterrupt("simulated kill")
     real_check(metrics, epoch, step)
 
+  # This run streams its meta batches from disk (the uninterrupted one keeps the meta set in device
+  # memory): the same batches, so the same numbers, and the streamed path resumes mid-epoch too.
+  streamed_meta = tiny_streamed("clothing1m", clothing_root, **{"data.meta_in_memory": False})
   monkeypatch.setattr(train_stream, "_check_finite", killed_mid_epoch_2)
   with pytest.raises(KeyboardInterrupt):
-    train_stream.train_and_evaluate_stream(config, str(tmp_path / "killed"))
+    train_stream.train_and_evaluate_stream(streamed_meta, str(tmp_path / "killed"))
   assert not os.path.exists(tmp_path / "killed" / "results.json")
   monkeypatch.setattr(train_stream, "_check_finite", real_check)
-  resumed = train_stream.train_and_evaluate_stream(config, str(tmp_path / "killed"))
+  resumed = train_stream.train_and_evaluate_stream(streamed_meta, str(tmp_path / "killed"))
   assert _history_without_times(resumed) == _history_without_times(whole)
   restore = lambda d: ocp.CheckpointManager(str(d / "checkpoints")).restore(
       None, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
@@ -319,8 +324,12 @@ def test_clothing1m_run_resumed_mid_epoch_equals_an_uninterrupted_run(tmp_path, 
     assert sorted(set(asked)) == list(range(1, notice + 1))
     checkpoints = ocp.CheckpointManager(str(tmp_path / f"notice{notice}" / "checkpoints"))
     assert checkpoints.latest_step() == notice
-  for notice in (9, 12):
-    resumed = train_stream.train_and_evaluate_stream(epoch_ends_only,
+  # The first resumes streaming its meta set: a setting that may change on resume (e.g. when the
+  # device memory runs short), as it does not change the numbers.
+  resume_configs = {9: tiny_streamed("clothing1m", clothing_root, checkpoint_every_steps=0,
+                                     **{"data.meta_in_memory": False}), 12: epoch_ends_only}
+  for notice, resume_config in resume_configs.items():
+    resumed = train_stream.train_and_evaluate_stream(resume_config,
                                                      str(tmp_path / f"notice{notice}"))
     assert _history_without_times(resumed) == _history_without_times(whole)
 
@@ -376,10 +385,8 @@ def test_meta_set_in_memory_or_streamed_trains_the_same(tmp_path, clothing_root)
   in_memory, streamed = (train_stream.train_and_evaluate_stream(
       tiny_streamed("clothing1m", clothing_root, **{"data.meta_in_memory": flag}),
       str(tmp_path / str(flag))) for flag in (True, False))
-  for a, b in zip(in_memory["history"], streamed["history"]):
-    for key in ("train/loss", "train/meta_loss", "meta_accuracy", "test_accuracy"):
-      if key in a:
-        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+  assert len(in_memory["history"]) == 3
+  assert _history_without_times(in_memory) == _history_without_times(streamed)
 
 
 def test_sharded_run_matches_a_single_device_run(tmp_path, clothing_root):
@@ -389,6 +396,7 @@ def test_sharded_run_matches_a_single_device_run(tmp_path, clothing_root):
   four = train_stream.train_and_evaluate_stream(
       config, str(tmp_path / "four"), mesh=Mesh(np.array(jax.devices()), ("data",)))
   assert four["device"].endswith("x4")
+  assert len(one["history"]) == len(four["history"]) == 2
   for a, b in zip(one["history"], four["history"]):
     for key in ("train/loss", "train/meta_loss", "meta_accuracy", "test_accuracy"):
       if key in a:
