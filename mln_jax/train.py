@@ -184,7 +184,8 @@ def make_train_epoch(config: ml_collections.ConfigDict, mesh: Mesh, kind: str,
 
 
 def make_predict(mesh: Mesh, eval_batch_size: int, fn: Callable[[TrainState, jax.Array], jax.Array],
-                 num_runs: int | None = None, shared_images: bool = False
+                 num_runs: int | None = None, shared_images: bool = False,
+                 normalise: Callable[[jax.Array], jax.Array] = augment.normalise
                  ) -> Callable[[TrainState, jax.Array], jax.Array]:
   """Jitted `fn(state, normalised images)` over a whole uint8 split, in batches, without augmentation.
 
@@ -200,7 +201,7 @@ def make_predict(mesh: Mesh, eval_batch_size: int, fn: Callable[[TrainState, jax
     padded = -(-count // batch) * batch
     images = jnp.pad(images, ((0, padded - count),) + ((0, 0),) * (images.ndim - 1))
     images = images.reshape((padded // batch, batch) + images.shape[1:])
-    per_batch = lambda x: fn(state, jax.lax.with_sharding_constraint(augment.normalise(x), sharded))
+    per_batch = lambda x: fn(state, jax.lax.with_sharding_constraint(normalise(x), sharded))
     outputs = jax.lax.map(per_batch, images)
     return outputs.reshape((padded,) + outputs.shape[2:])[:count]
 
@@ -623,29 +624,36 @@ def load_trained_state(workdir: str) -> tuple[TrainState, ml_collections.ConfigD
   if not os.path.exists(results_path):
     raise FileNotFoundError(f"{results_path} does not exist: {workdir} holds no finished run (for "
                             f"runs trained together, name one run's folder, {workdir}/run_<i>).")
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  with open(results_path) as f:
-    results = json.load(f)
+  config = ml_collections.ConfigDict(read_json(os.path.join(workdir, "config.json")))
+  results = read_json(results_path)
   where = results["checkpoint"]
   model = build_model(config, results["num_classes"])
-  abstract = jax.eval_shape(jax.vmap(lambda key: new_state(
-      config, model, tuple(results["image_shape"]), results["num_classes"], key)),
-      jnp.zeros((where["num_runs"], 2), jnp.uint32))
+  make = lambda key: new_state(config, model, tuple(results["image_shape"]),
+                               results["num_classes"], key)
+  stacked = where["num_runs"] is not None  # runs trained together have a leading run axis
+  abstract = (jax.eval_shape(jax.vmap(make), jnp.zeros((where["num_runs"], 2), jnp.uint32))
+              if stacked else jax.eval_shape(make, jnp.zeros((2,), jnp.uint32)))
   # Restore onto this process's first device, whatever devices the run was trained on.
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           abstract)
   checkpoints = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, where["dir"])))
-  restored = checkpoints.restore(checkpoints.latest_step(), args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract)))
-  return jax.tree.map(lambda x: x[where["run_index"]], restored.state), config
+  state = checkpoints.restore(checkpoints.latest_step(), args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract))).state
+  return (jax.tree.map(lambda x: x[where["run_index"]], state) if stacked else state), config
 
 
-def soft_labels_for(state: TrainState, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-  """MetaLabelNet's soft labels for uint8 NHWC images (new, unlabelled or training images)."""
+def soft_labels_for(state: TrainState, images: np.ndarray, batch_size: int = 1000,
+                    config: ml_collections.ConfigDict | None = None) -> np.ndarray:
+  """MetaLabelNet's soft labels for uint8 NHWC images (new, unlabelled or training images).
+
+  With the run's `config` (from `load_trained_state`), images of a streamed dataset get its ImageNet
+  normalisation; they must already have its size (`input_pipeline.decode_all` prepares files).
+  """
+  streamed = config is not None and config.data.name in config_lib.STREAMED_DATASETS
   mesh = make_mesh()
-  predict = make_predict(mesh, batch_size, steps.predict_soft_labels)
+  predict = make_predict(mesh, batch_size, steps.predict_soft_labels,
+                         normalise=augment.normalise_imagenet if streamed else augment.normalise)
   return np.asarray(predict(replicate(mesh, state), replicate(mesh, images)))
 
 

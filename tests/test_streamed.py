@@ -282,6 +282,12 @@ def test_clothing1m_run_resumed_mid_epoch_equals_an_uninterrupted_run(tmp_path, 
   np.testing.assert_allclose(exported["soft_label"].sum(1), 1, rtol=1e-5)
   assert whole["label_issues"]["measured_on"] == 12
   assert whole["label_issues"]["labelled"] == 12
+  # The trained run gives soft labels for any images of its size: here its own training images.
+  from mln_jax import train
+  state, run_config = train.load_trained_state(str(tmp_path / "whole"))
+  pixels = input_pipeline.decode_all(dataset.train, PREP)
+  np.testing.assert_allclose(train.soft_labels_for(state, pixels, config=run_config),
+                             exported["soft_label"], rtol=1e-5, atol=1e-6)
 
   real_check = train_stream._check_finite
 
