@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import figures  # noqa: E402
+from record import mean_std  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 NOISE = ("--config.noise.kind=feature_dependent", "--config.noise.rate=0.4")
@@ -78,12 +79,6 @@ def collect(ablation: str, folders: Sequence[pathlib.Path]
   return cells
 
 
-def _mean_std(values: list[float]) -> str:
-  values = [100 * v for v in values]
-  spread = statistics.stdev(values) if len(values) > 1 else 0.0
-  return f"{statistics.mean(values):.2f} ± {spread:.2f}"
-
-
 def assemble(ablation: str, folders: Sequence[pathlib.Path], command: str,
              out: pathlib.Path = RESULTS) -> pathlib.Path:
   key, _, label, paper = ABLATIONS[ablation]
@@ -118,8 +113,8 @@ def assemble(ablation: str, folders: Sequence[pathlib.Path], command: str,
     row = []
     for method in methods:
       group = cells.get((method, value), [])
-      row.append(f"{_mean_std([r['best']['test_accuracy'] for r in group])} / "
-                 f"{_mean_std([r['last']['test_accuracy'] for r in group])}" if group else "—")
+      row.append(f"{mean_std([r['best']['test_accuracy'] for r in group])} / "
+                 f"{mean_std([r['last']['test_accuracy'] for r in group])}" if group else "—")
       report["cells"][f"{method}/{value}"] = {
           "best": [r["best"]["test_accuracy"] for r in group],
           "last": [r["last"]["test_accuracy"] for r in group],

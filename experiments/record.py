@@ -25,10 +25,11 @@ def load_runs(workdir: pathlib.Path) -> dict[str, dict]:
   return runs
 
 
-def _mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], separator: str = " ± ") -> str:
+  """Accuracies (fractions) as 'mean ± std' in percent; the std is 0 for a single run."""
   values = [100 * v for v in values]
   spread = statistics.stdev(values) if len(values) > 1 else 0.0
-  return f"{statistics.mean(values):.2f} ± {spread:.2f}"
+  return f"{statistics.mean(values):.2f}{separator}{spread:.2f}"
 
 
 def record(workdirs: list[pathlib.Path], name: str, command: str, note: str) -> pathlib.Path:
@@ -67,8 +68,8 @@ def record(workdirs: list[pathlib.Path], name: str, command: str, note: str) -> 
               "|---|---|---|---|"]
     for method, results in by_method.items():
       lines.append(f"| {method} | {len(results)} "
-                   f"| {_mean_std([r['best']['test_accuracy'] for r in results])} "
-                   f"| {_mean_std([r['last']['test_accuracy'] for r in results])} |")
+                   f"| {mean_std([r['best']['test_accuracy'] for r in results])} "
+                   f"| {mean_std([r['last']['test_accuracy'] for r in results])} |")
   if note:
     lines += ["", note]
   RESULTS.mkdir(parents=True, exist_ok=True)

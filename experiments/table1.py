@@ -25,6 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import figures  # noqa: E402
+from record import mean_std  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 RATES = (0.2, 0.4, 0.6, 0.8)
@@ -51,12 +52,6 @@ def plan(seeds: int) -> list[str]:
   return [f"bash experiments/gpu/run.sh {cell_name(method, kind, rate)} {CONFIGS[method]} "
           f"--config.noise.kind={kind} --config.noise.rate={rate} --config.num_runs={seeds}"
           for method in METHODS for kind in KINDS for rate in RATES]
-
-
-def _mean_std(values: list[float]) -> str:
-  values = [100 * v for v in values]
-  spread = statistics.stdev(values) if len(values) > 1 else 0.0
-  return f"{statistics.mean(values):.2f}±{spread:.2f}"
 
 
 def collect(folders: list[pathlib.Path]) -> dict[tuple[str, str, float], list[dict[str, Any]]]:
@@ -96,8 +91,8 @@ def assemble(folders: list[pathlib.Path], command: str, out: pathlib.Path = RESU
         if not runs:
           row.append(f"not run ({paper})")
           continue
-        best = _mean_std([r["best"]["test_accuracy"] for r in runs])
-        last = _mean_std([r["last"]["test_accuracy"] for r in runs])
+        best = mean_std([r["best"]["test_accuracy"] for r in runs], separator="±")
+        last = mean_std([r["last"]["test_accuracy"] for r in runs], separator="±")
         realised = statistics.mean(r["noise"]["realised_rate"] for r in runs)
         row.append(f"{best} / {last} ({paper}); n={len(runs)}, realised {realised:.3f}")
         table[cell_name(method, kind, rate)] = {
