@@ -117,14 +117,13 @@ def _load_pretrained(config: ml_collections.ConfigDict, state: TrainState) -> Tr
   """The classifier's (and the extractor's) weights from `config.model.pretrained`, a torchvision
   ResNet state dict; a head of another class count stays as initialised."""
   from mln_jax import pretrained  # torch is only needed for .pth files
-  variables, skipped = pretrained.load_pretrained_resnet(
-      config.model.pretrained, {"params": state.params, "batch_stats": state.batch_stats})
+  variables, skipped = pretrained.load_pretrained_resnet(config.model.pretrained, state.variables)
   logging.info("Loaded %s%s.", config.model.pretrained,
                f" (kept this model's own {', '.join(skipped)})" if skipped else "")
-  params, batch_stats = variables["params"], variables["batch_stats"]
-  return state.replace(params=params, batch_stats=batch_stats, opt_state=state.tx.init(params),
-                       extractor_params=jax.tree.map(jnp.copy, params),
-                       extractor_batch_stats=jax.tree.map(jnp.copy, batch_stats))
+  # The extractor starts as a copy of the classifier, as create_train_state makes it.
+  return freeze_extractor(state.replace(params=variables["params"],
+                                        batch_stats=variables["batch_stats"],
+                                        opt_state=state.tx.init(variables["params"])))
 
 
 class Preempted(RuntimeError):
