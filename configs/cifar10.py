@@ -3,7 +3,7 @@
 Default noise: 40% feature-dependent, from the pack's student probabilities (as the paper).
 
   python -m mln_jax.main --config=configs/cifar10.py --workdir=/tmp/mln_cifar10 \
-      --config.data.data_dir=../shared/data/cifar10 \
+      --config.data_dir=../shared/data/cifar10 \
       [--config.noise.kind=uniform --config.noise.rate=0.6 --config.seed=1 --config.num_runs=3]
 
 Expected (paper, Table I, MetaLabelNet, feature-dependent 40%): 80.42 ± 0.51 % test accuracy.

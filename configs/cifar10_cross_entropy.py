@@ -1,7 +1,7 @@
 """CIFAR-10 cross-entropy baseline (Table I's first row): the same protocol, cross-entropy throughout.
 
   python -m mln_jax.main --config=configs/cifar10_cross_entropy.py --workdir=/tmp/ce_cifar10 \
-      --config.data.data_dir=../shared/data/cifar10
+      --config.data_dir=../shared/data/cifar10
 
 Expected (paper, Table I, cross-entropy, feature-dependent 40%): 71.86 ± 0.69 % test accuracy.
 """

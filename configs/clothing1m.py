@@ -4,7 +4,7 @@ batch 32, 10 epochs with 1 warm-up, lr 1e-3 for 5 epochs then 1e-4, β = 1e-3, i
 meta-data, the 10k clean test images the test set.
 
   python -m mln_jax.main --config=configs/clothing1m.py --workdir=/tmp/mln_clothing1m \
-      --config.data.data_dir=/data/clothing1m \
+      --config.data_dir=/data/clothing1m \
       --config.model.pretrained=/weights/resnet50-0676ba61.pth
 
 `data_dir` holds `images/` and the list files as the authors distribute them; `pretrained` is a

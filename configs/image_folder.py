@@ -2,7 +2,7 @@
 clean `meta/<class>/…` and a clean `test/<class>/…`; ResNet-50 at 224×224 with Clothing1M's schedule.
 
   python -m mln_jax.main --config=configs/image_folder.py --workdir=/tmp/mln_mine \
-      --config.data.data_dir=/data/mine [--config.data.train_list=noisy_labels.txt] \
+      --config.data_dir=/data/mine [--config.data.train_list=noisy_labels.txt] \
       [--config.model.pretrained=/weights/resnet50-0676ba61.pth]
 
 Classes are the sorted folder names of `meta/`. Change the schedule with `--config.num_epochs`,

@@ -5,7 +5,7 @@ horizontal flips; 1k of the 2.5k verified validation images are the meta-data, t
 test set (split by seed).
 
   python -m mln_jax.main --config=configs/webvision.py --workdir=/tmp/mln_webvision \
-      --config.data.data_dir=/data/webvision [--config.data.imagenet_val_dir=/data/imagenet/val]
+      --config.data_dir=/data/webvision [--config.data.imagenet_val_dir=/data/imagenet/val]
 
 `data_dir` holds `info/`, `google/` and `val_images/` as distributed; `imagenet_val_dir` (optional)
 the ILSVRC12 validation images in one folder per synset, a second test set of the same 50 classes.

@@ -28,12 +28,16 @@ def default_config() -> ml_collections.ConfigDict:
   # Independent runs with seeds seed, seed + 1, ... trained together in one vmapped program (each
   # with its own split, noise, initialisation and data order); results per run in workdir/run_<i>.
   config.num_runs = 1
+  # The dataset's folder (cifar10: the pack or the python folder; streamed datasets: the root of the
+  # authors' layout). One setting with two names: --config.data_dir and --config.data.data_dir set
+  # the same value (code reads data.data_dir).
+  config.data_dir = ml_collections.FieldReference("", field_type=str)
 
   config.data = ml_collections.ConfigDict()
   # In memory: 'cifar10' | 'digits'. Streamed from disk: 'clothing1m' | 'webvision' | 'image_folder'.
   config.data.name = "cifar10"
   config.data.source = "pack"            # cifar10: 'pack' (the JPEG .npz pack) | 'python'
-  config.data.data_dir = ""              # the dataset's folder (cifar10: the pack or python folder)
+  config.data.data_dir = config.get_ref("data_dir")
   # Meta-data size. cifar10, digits, webvision: drawn from the held-out pool, the rest is test;
   # clothing1m, image_folder: a subset of the clean meta set (0: all of it).
   config.data.num_meta = 5000

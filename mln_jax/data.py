@@ -418,7 +418,7 @@ def load_dataset(data_config: Any) -> ImageDataset:
     what = (f'the folder that contains {CIFAR10_PACK_FILE}' if source == 'pack' else
             'the cifar-10-batches-py folder')
     raise FileNotFoundError(f'no data_dir set for cifar10 (source {source!r}); pass '
-                            f'--config.data.data_dir=... ({what})')
+                            f'--config.data_dir=... ({what})')
   if source == 'pack':
     return load_cifar10_pack(data_dir)
   return load_cifar10_python(data_dir)

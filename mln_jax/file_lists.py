@@ -66,7 +66,7 @@ class StreamedDataset:
 
 def _layout_error(path: pathlib.Path, dataset: str, expected: str) -> FileNotFoundError:
   return FileNotFoundError(f"{path} does not exist: not a {dataset} folder. Expected {expected}; "
-                           f"point --config.data.data_dir at the dataset's root.")
+                           f"point --config.data_dir at the dataset's root.")
 
 
 def _read_pairs(path: pathlib.Path) -> tuple[list[str], np.ndarray]:
@@ -105,7 +105,7 @@ def _check_images_exist(files: np.ndarray, where: str, seed: int = 0) -> None:
   for index in sorted(sample):
     if not os.path.isfile(files[index]):
       raise FileNotFoundError(f"{files[index]} (listed in {where}) does not exist: the images are "
-                              f"not where the layout says. Check --config.data.data_dir.")
+                              f"not where the layout says. Check --config.data_dir.")
 
 
 def _absolute(root: pathlib.Path, relative: list[str]) -> np.ndarray:
@@ -265,7 +265,7 @@ def load(data_config: Any, seed: int) -> StreamedDataset:
   """
   if not data_config.data_dir:
     raise FileNotFoundError(f"no data_dir set for {data_config.name}; pass "
-                            "--config.data.data_dir=<the dataset's root folder>.")
+                            "--config.data_dir=<the dataset's root folder>.")
   if data_config.name == "clothing1m":
     dataset = clothing1m(data_config.data_dir)
   elif data_config.name == "webvision":

@@ -142,6 +142,22 @@ def test_unknown_config_key_is_rejected(tmp_path):
   assert 'Did you mean "rate" instead of "rat"' in completed.stderr
 
 
+def test_data_dir_is_one_setting_under_two_names(tmp_path):
+  config = config_lib.default_config()
+  config.data_dir = "/a"
+  assert config.data.data_dir == "/a"
+  config.data.data_dir = "/b"
+  assert config.data_dir == "/b"
+  # From the command line the short name reaches the loader.
+  completed = subprocess.run(
+      [sys.executable, "-m", "mln_jax.main", f"--config={TESTS / 'tiny_config.py'}",
+       f"--workdir={tmp_path}", "--config.data.name=cifar10", "--config.data_dir=/nonexistent/c10"],
+      capture_output=True, text=True, cwd=TESTS.parent, timeout=300)
+  assert completed.returncode != 0
+  assert "CIFAR-10 pack folder /nonexistent/c10 does not exist" in completed.stderr
+  assert not list(tmp_path.rglob("results.json"))
+
+
 @pytest.mark.parametrize("overrides, error, message", [
     ({"noise.kind": "gaussian"}, ValueError, "noise.kind='gaussian'"),
     ({"noise.rate": 1.5}, ValueError, r"noise.rate=1.5"),

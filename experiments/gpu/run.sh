@@ -13,6 +13,6 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 mkdir -p "$out/$name"
 python3 -m mln_jax.main --config="$config" --workdir="/tmp/runs/$name" \
-  --config.data.data_dir=.data/cifar10 "$@" 2>&1 | grep -v "^W0000\|^I0000" | tee "$out/$name.log"
+  --config.data_dir=.data/cifar10 "$@" 2>&1 | grep -v "^W0000\|^I0000" | tee "$out/$name.log"
 (cd "/tmp/runs/$name" && find . \( -name results.json -o -name comparison.json -o -name config.json \) \
   -exec cp --parents {} "$out/$name/" \;)
