@@ -17,11 +17,10 @@ beside the numbers; they are not asserted anywhere.
 from __future__ import annotations
 
 import datetime
-import json
 import statistics
 import tempfile
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import app, flags, logging
 import jax
@@ -194,11 +193,24 @@ def _add_utilisation(row: dict[str, Any], flops: float | None) -> None:
     row["achieved_tflop_per_s"] = row["gflop_per_image"] * row["images_per_s"] / 1e3
 
 
+def _record(report: dict[str, Any], row: dict[str, Any],
+            on_progress: Callable[[dict[str, Any]], None] | None) -> None:
+  report["measurements"].append(row)
+  logging.info("%s", row)
+  if on_progress is not None:
+    on_progress(report)
+
+
 def run_benchmark(batch_sizes: Sequence[int], num_steps: int, repeats: int,
                   meta_gradients: Sequence[str], model: str = "cifar_cnn", data_dir: str = "",
                   concurrent_runs: int = 0, compute_dtype: str = "float32",
-                  streamed_config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
-  """CIFAR-10's steps (or, with `streamed_config`, that config's) on the current device."""
+                  streamed_config: ml_collections.ConfigDict | None = None,
+                  on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+  """CIFAR-10's steps (or, with `streamed_config`, that config's) on the current device.
+
+  `on_progress(report)` is called after every measurement, so that a job stopped at a time limit
+  keeps what it measured.
+  """
   base = config_lib.default_config()
   base.model.name = model
   base.compute_dtype = compute_dtype
@@ -211,7 +223,7 @@ def run_benchmark(batch_sizes: Sequence[int], num_steps: int, repeats: int,
   }
   if streamed_config is not None:
     return _run_streamed_benchmark(report, streamed_config, batch_sizes, num_steps, repeats,
-                                   meta_gradients, compute_dtype)
+                                   meta_gradients, compute_dtype, on_progress)
   report["targets_h100_batch128"] = TARGETS
   for batch_size in batch_sizes:
     config = base.copy_and_resolve_references()
@@ -219,15 +231,13 @@ def run_benchmark(batch_sizes: Sequence[int], num_steps: int, repeats: int,
     row = {"kind": "warmup", "batch_size": batch_size,
            **measure_epoch(config, "cross_entropy", num_steps, repeats)}
     _add_utilisation(row, step_flops(config, "cross_entropy"))
-    report["measurements"].append(row)
-    logging.info("%s", row)
+    _record(report, row, on_progress)
     for method in meta_gradients:
       config.mln.meta_gradient = method
       row = {"kind": f"meta/{method}", "batch_size": batch_size,
              **measure_epoch(config, "metalabelnet", num_steps, repeats)}
       _add_utilisation(row, step_flops(config, "metalabelnet"))
-      report["measurements"].append(row)
-      logging.info("%s", row)
+      _record(report, row, on_progress)
   if concurrent_runs:
     config = base.copy_and_resolve_references()
     config.batch_size = batch_sizes[0]
@@ -235,8 +245,7 @@ def run_benchmark(batch_sizes: Sequence[int], num_steps: int, repeats: int,
     for kind, name in (("cross_entropy", "warmup"), ("metalabelnet", f"meta/{meta_gradients[0]}")):
       row = {"kind": f"{name} x{concurrent_runs} runs", "batch_size": config.batch_size,
              **measure_epoch(config, kind, num_steps, repeats, concurrent_runs)}
-      report["measurements"].append(row)
-      logging.info("%s", row)
+      _record(report, row, on_progress)
   report["peak_memory_bytes"] = _peak_memory_bytes()
   if data_dir:
     config = base.copy_and_resolve_references()
@@ -247,7 +256,9 @@ def run_benchmark(batch_sizes: Sequence[int], num_steps: int, repeats: int,
 
 def _run_streamed_benchmark(report: dict[str, Any], streamed_config: ml_collections.ConfigDict,
                             batch_sizes: Sequence[int], num_steps: int, repeats: int,
-                            meta_gradients: Sequence[str], compute_dtype: str) -> dict[str, Any]:
+                            meta_gradients: Sequence[str], compute_dtype: str,
+                            on_progress: Callable[[dict[str, Any]], None] | None
+                            ) -> dict[str, Any]:
   report.update(protocol=streamed_config.data.name, model=streamed_config.model.name,
                 image_size=streamed_config.data.image_size,
                 num_classes=_streamed_num_classes(streamed_config))
@@ -262,8 +273,7 @@ def _run_streamed_benchmark(report: dict[str, Any], streamed_config: ml_collecti
       row = {"kind": name, "batch_size": batch_size,
              **measure_streamed_steps(config, kind, num_steps, repeats)}
       _add_utilisation(row, row.pop("flops_per_step"))
-      report["measurements"].append(row)
-      logging.info("%s", row)
+      _record(report, row, on_progress)
   report["peak_memory_bytes"] = _peak_memory_bytes()
   return report
 
@@ -295,13 +305,15 @@ def main(argv: list[str]) -> None:
   batch_sizes = [int(b) for b in FLAGS.batch_sizes]
   if FLAGS.streamed_config is not None and not FLAGS["batch_sizes"].present:
     batch_sizes = []  # the config's own
+  def write(report: dict[str, Any], complete: bool = False) -> None:
+    if FLAGS.out:
+      train.write_json_atomically(FLAGS.out, {**report, "complete": complete})
+
   report = run_benchmark(batch_sizes, FLAGS.steps, FLAGS.repeats, FLAGS.meta_gradients,
                          FLAGS.model, FLAGS.data_dir, FLAGS.concurrent_runs, FLAGS.compute_dtype,
-                         FLAGS.streamed_config)
+                         FLAGS.streamed_config, on_progress=write)
   print(format_report(report))
-  if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      json.dump(report, f, indent=2)
+  write(report, complete=True)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_benchmark_reports_every_measurement():
+  seen = []  # what a job stopped at a time limit would have kept
   report = bench.run_benchmark([8], num_steps=2, repeats=1, meta_gradients=["autodiff", "jvp"],
-                               model="mlp", concurrent_runs=2)
+                               model="mlp", concurrent_runs=2,
+                               on_progress=lambda r: seen.append(len(r["measurements"])))
+  assert seen == [1, 2, 3, 4, 5]
   kinds = [row["kind"] for row in report["measurements"]]
   assert kinds == ["warmup", "meta/autodiff", "meta/jvp", "warmup x2 runs",
                    "meta/autodiff x2 runs"]
@@ -36,6 +39,7 @@ def test_benchmark_cli_writes_json(tmp_path):
   assert completed.returncode == 0, completed.stderr[-2000:]
   report = json.loads(out.read_text())
   assert report["backend"] == "cpu" and len(report["measurements"]) == 2
+  assert report["complete"]
 
 
 def test_streamed_benchmark_times_the_configs_steps_on_synthetic_inputs():

@@ -9,5 +9,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# The JSON is rewritten after every measurement ("complete": false until the end) and grep passes
+# lines on at once, so a call stopped at its time limit keeps what it measured.
 python3 -m mln_jax.bench --out="$out/$name.json" --data_dir=.data/cifar10 "$@" 2>&1 \
-  | grep -v "^W0000\|^I0000" | tee "$out/$name.log"
+  | grep --line-buffered -v "^W0000\|^I0000" | tee "$out/$name.log"
