@@ -2,9 +2,10 @@
 (Figure 6) and unlabelled data (Figure 7), MetaLabelNet at 40% feature-dependent noise on CIFAR-10
 (configs/cifar10.py), 3 seeds per value trained together.
 
-  python experiments/ablations.py plan --ablation=meta_size [--seeds=3] [--local=/tmp/abl]
-      prints one command per value: for the lent GPU (experiments/gpu/run.sh), or with --local one
-      `python -m mln_jax.main` command per value writing under that folder;
+  python experiments/ablations.py plan --ablation=meta_size [--seeds=3] [--local=/tmp/abl
+      [--data_dir=DIR]]
+      prints one command per value: for this project's lent GPU (experiments/gpu/run.sh), or with
+      --local one `python -m mln_jax.main` command per value writing under that folder;
   python experiments/ablations.py assemble --ablation=meta_size --results=DIR --command="..."
       reads every finished run under DIR (results.json with its config.json) and writes
       experiments/results/ablation_<name>.md, .json and .png: mean ± std of test accuracy at the best
@@ -44,8 +45,8 @@ ABLATIONS = {
 
 
 def plan(ablation: str, seeds: int, config: str = "configs/cifar10.py",
-         values: Sequence[int] | None = None, local: str = "", extra: Sequence[str] = ()
-         ) -> list[str]:
+         values: Sequence[int] | None = None, local: str = "", extra: Sequence[str] = (),
+         data_dir: str = "../shared/data/cifar10") -> list[str]:
   key, default_values, _, _ = ABLATIONS[ablation]
   commands = []
   for value in values or default_values:
@@ -53,7 +54,7 @@ def plan(ablation: str, seeds: int, config: str = "configs/cifar10.py",
     overrides = " ".join((*NOISE, f"--config.{key}={value}", f"--config.num_runs={seeds}", *extra))
     if local:
       commands.append(f"python -m mln_jax.main --config={config} --workdir={local}/{name} "
-                      f"{overrides}")
+                      f"--config.data_dir={data_dir} {overrides}")
     else:
       commands.append(f"bash experiments/gpu/run.sh {name} {config} {overrides}")
   return commands
@@ -155,6 +156,8 @@ def main() -> None:
   plan_parser.add_argument("--config", default="configs/cifar10.py")
   plan_parser.add_argument("--values", type=lambda s: [int(v) for v in s.split(",")])
   plan_parser.add_argument("--local", default="", help="folder for local runs (else the GPU script)")
+  plan_parser.add_argument("--data_dir", default="../shared/data/cifar10",
+                           help="the CIFAR-10 pack, for --local commands")
   plan_parser.add_argument("--extra", action="append", default=[],
                            help="another override for every command, e.g. --config.method=both")
   assemble_parser.add_argument("--results", type=pathlib.Path, action="append", required=True)
@@ -163,7 +166,7 @@ def main() -> None:
   args = parser.parse_args()
   if args.command_name == "plan":
     print("\n".join(plan(args.ablation, args.seeds, args.config, args.values, args.local,
-                         args.extra)))
+                         args.extra, args.data_dir)))
   else:
     print(assemble(args.ablation, args.results, args.command, args.out))
 

@@ -26,10 +26,11 @@ def load_runs(workdir: pathlib.Path) -> dict[str, dict]:
 
 
 def mean_std(values: list[float], separator: str = " ± ") -> str:
-  """Accuracies (fractions) as 'mean ± std' in percent; the std is 0 for a single run."""
+  """Accuracies (fractions) as 'mean ± std' in percent; a single run has no spread to show."""
   values = [100 * v for v in values]
-  spread = statistics.stdev(values) if len(values) > 1 else 0.0
-  return f"{statistics.mean(values):.2f}{separator}{spread:.2f}"
+  if len(values) == 1:
+    return f"{values[0]:.2f}"
+  return f"{statistics.mean(values):.2f}{separator}{statistics.stdev(values):.2f}"
 
 
 def record(workdirs: list[pathlib.Path], name: str, command: str, note: str) -> pathlib.Path:
@@ -41,7 +42,8 @@ def record(workdirs: list[pathlib.Path], name: str, command: str, note: str) -> 
       f"- device: {first['device']} (JAX {first['jax_version']})",
       f"- commit: {first['commit']}",
       f"- command: `{command}`",
-      f"- noise: {first['noise']['kind']} {first['noise']['rate']}", "",
+      f"- noise: {first['noise']['kind']}"
+      + ("" if first["noise"]["rate"] is None else f" {first['noise']['rate']}"), "",
       "Times are those of the program a run was part of (runs trained together share one).", "",
       "| run | method | realised noise | test acc at best meta epoch | best epoch | last-epoch test acc "
       "| epochs time (s) | wall time (s) |",

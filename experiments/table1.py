@@ -3,14 +3,18 @@ at 20/40/60/80%, the paper's protocol (configs/cifar10.py), 3 seeds per cell.
 
 Two sub-commands:
 
-  python experiments/table1.py plan [--seeds=3]
+  python experiments/table1.py plan [--seeds=3] [--local=/tmp/table1 [--data_dir=DIR]]
       prints one training command per (method, noise kind, rate) cell; each trains the cell's seeds
-      together (`--config.num_runs`), meant to fit one device call (600 s; not yet timed on a GPU:
-      run the benchmark first, and lower --seeds if its projection says otherwise);
+      together (`--config.num_runs`). Without --local the commands are for this project's lent GPU
+      (experiments/gpu/run.sh; meant to fit one 600 s device call, not yet timed there); with
+      --local they are plain `python -m mln_jax.main` commands writing under that folder, for any
+      machine with an accelerator;
   python experiments/table1.py assemble --results=DIR [--results=DIR ...] --command="..."
-      reads every results.json under the given folders and writes experiments/results/table1.md and
-      table1.json: mean ± std of test accuracy at the best meta epoch and at the last epoch, the
-      realised noise rate, and the paper's number beside each cell; missing cells are marked.
+      reads every finished run under the given folders (results.json with its config.json) and
+      writes experiments/results/table1.md and table1.json: mean ± std of test accuracy at the best
+      meta epoch and at the last epoch, the realised noise rate, and the paper's number beside each
+      cell; missing cells are marked. Runs of another dataset or protocol (other epochs, model,
+      schedule, meta-data size, ...) are skipped and named, so they cannot pass for Table I.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import pathlib
 import statistics
 import sys
 from typing import Any
+
+from mln_jax.config import default_config, flatten
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import figures  # noqa: E402
@@ -41,24 +47,55 @@ PAPER = {
                                             "76.57±0.33"),
 }
 CONFIGS = {"cross_entropy": "configs/cifar10_cross_entropy.py", "metalabelnet": "configs/cifar10.py"}
+# Settings a Table I run may choose; all others must be the paper's protocol (configs/cifar10.py).
+FREE_KEYS = ("seed", "num_runs", "method", "noise.kind", "noise.rate", "data_dir", "data.data_dir",
+             "data.source", "epoch_loop", "checkpoint_every_epochs", "checkpoint_every_steps",
+             "log_every_steps", "export_soft_labels", "compute_dtype", "matmul_precision")
 
 
 def cell_name(method: str, kind: str, rate: float) -> str:
   return f"{method}_{kind}_{round(100 * rate)}"
 
 
-def plan(seeds: int) -> list[str]:
-  """One command per cell, for the lent GPU (experiments/gpu/run.sh) or any machine."""
-  return [f"bash experiments/gpu/run.sh {cell_name(method, kind, rate)} {CONFIGS[method]} "
-          f"--config.noise.kind={kind} --config.noise.rate={rate} --config.num_runs={seeds}"
-          for method in METHODS for kind in KINDS for rate in RATES]
+def plan(seeds: int, local: str = "", data_dir: str = "../shared/data/cifar10") -> list[str]:
+  """One command per cell: for the lent GPU (experiments/gpu/run.sh), or with `local` a plain
+  command writing under that folder."""
+  commands = []
+  for method in METHODS:
+    for kind in KINDS:
+      for rate in RATES:
+        name = cell_name(method, kind, rate)
+        overrides = (f"--config.noise.kind={kind} --config.noise.rate={rate} "
+                     f"--config.num_runs={seeds}")
+        commands.append(
+            f"python -m mln_jax.main --config={CONFIGS[method]} --workdir={local}/{name} "
+            f"--config.data_dir={data_dir} {overrides}" if local else
+            f"bash experiments/gpu/run.sh {name} {CONFIGS[method]} {overrides}")
+  return commands
+
+
+def protocol_differences(config: dict[str, Any]) -> list[str]:
+  """The keys of a run's saved config (config.json) that depart from the paper's CIFAR-10 protocol."""
+  paper = flatten(json.loads(default_config().to_json_best_effort()))
+  # A key the run's (older) schema lacks had its default then.
+  return sorted(key for key, value in flatten(config).items()
+                if key not in FREE_KEYS and (key not in paper or paper[key] != value))
 
 
 def collect(folders: list[pathlib.Path]) -> dict[tuple[str, str, float], list[dict[str, Any]]]:
-  """(method, noise kind, rate) -> the finished runs found under `folders`."""
+  """(method, noise kind, rate) -> the finished Table I runs under `folders`; others are named on
+  stderr and left out."""
   cells: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
   for folder in folders:
     for path in sorted(folder.rglob("results.json")):
+      config = json.loads((path.parent / "config.json").read_text())
+      differences = protocol_differences(config)
+      if config["noise"]["kind"] not in KINDS:
+        differences.append(f"noise.kind={config['noise']['kind']!r}")
+      if differences:
+        print(f"skipped {path.parent}: not the paper's CIFAR-10 protocol (differs in "
+              f"{', '.join(differences)})", file=sys.stderr)
+        continue
       result = json.loads(path.read_text())
       key = (result["method"], result["noise"]["kind"], round(result["noise"]["rate"], 4))
       cells.setdefault(key, []).append(result)
@@ -69,12 +106,14 @@ def assemble(folders: list[pathlib.Path], command: str, out: pathlib.Path = RESU
              ) -> pathlib.Path:
   cells = collect(folders)
   if not cells:
-    raise FileNotFoundError(f"No results.json under {[str(f) for f in folders]}.")
+    raise FileNotFoundError(f"No Table I run (results.json of the paper's CIFAR-10 protocol) under "
+                            f"{[str(f) for f in folders]}.")
   some = next(iter(cells.values()))[0]
+  dtypes = sorted({r.get("compute_dtype", "float32") for runs in cells.values() for r in runs})
   lines = [
       "# Table I — CIFAR-10 test accuracy (%), mean ± std over seeds", "",
       f"- assembled: {datetime.date.today().isoformat()}",
-      f"- device: {some['device']} (JAX {some['jax_version']}, {some.get('compute_dtype', 'float32')})",
+      f"- device: {some['device']} (JAX {some['jax_version']}, {' and '.join(dtypes)})",
       f"- commits: {', '.join(sorted({r['commit'] for runs in cells.values() for r in runs}))}",
       f"- command: `{command}`", "",
       "Each cell: ours at the best meta epoch / ours at the last epoch (paper), then seeds and the "
@@ -124,13 +163,16 @@ def main() -> None:
   commands = parser.add_subparsers(dest="command_name", required=True)
   plan_parser = commands.add_parser("plan", help="print one command per cell")
   plan_parser.add_argument("--seeds", type=int, default=3)
+  plan_parser.add_argument("--local", default="", help="folder for local runs (else the GPU script)")
+  plan_parser.add_argument("--data_dir", default="../shared/data/cifar10",
+                           help="the CIFAR-10 pack, for --local commands")
   assemble_parser = commands.add_parser("assemble", help="write experiments/results/table1.md")
   assemble_parser.add_argument("--results", type=pathlib.Path, action="append", required=True)
   assemble_parser.add_argument("--command", required=True, help="how the runs were made")
   assemble_parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
   args = parser.parse_args()
   if args.command_name == "plan":
-    print("\n".join(plan(args.seeds)))
+    print("\n".join(plan(args.seeds, args.local, args.data_dir)))
   else:
     print(assemble(args.results, args.command, args.out))
 

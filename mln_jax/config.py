@@ -44,7 +44,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.data.num_unlabelled = 0         # training samples whose labels are dropped (phase 2 only)
   config.data.num_heldout = 0            # digits: size of the held-out (meta + test) pool
   config.data.split_seed = 0             # digits: which samples are held out
-  # Streamed datasets: shorter side resized to resize_size, centre crop of image_size.
+  # Streamed datasets: images resized to resize_size (see resize_mode), centre crop of image_size.
   config.data.resize_size = 0
   config.data.image_size = 0
   # 'square' (resize_size × resize_size, the paper's words) | 'shorter_side' (aspect kept, as
@@ -243,6 +243,17 @@ def _validate_streamed(config: ml_collections.ConfigDict) -> None:
            and config.checkpoint_every_steps % config.log_every_steps == 0,
            f"config.checkpoint_every_steps={config.checkpoint_every_steps} must be 0 or a multiple "
            f"of config.log_every_steps={config.log_every_steps}.")
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  """A nested config dict (e.g. a saved config.json) as {'group.key': value}."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
 
 
 def learning_rate_at(config: ml_collections.ConfigDict, epoch: int) -> float:

@@ -13,7 +13,8 @@ Layouts (SPEC, "On-disk formats"):
   resized release), `info/synsets.txt`; optionally
   the ILSVRC12 validation images sorted into one folder per synset (`<imagenet_val_dir>/n01440764/…`).
 - image_folder (bring your own): `train/<class>/…` or a `train_list` file (`path <label>`, paths
-  relative to the root), and clean `meta/<class>/…` and `test/<class>/…`.
+  relative to the root, label −1 for an unlabelled image), and clean `meta/<class>/…` and
+  `test/<class>/…`.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class StreamedDataset:
   meta: ImageList
   tests: dict[str, ImageList]  # e.g. {'test': ..., 'imagenet_val': ...}; 'test' selects models
   clean_train_labels: np.ndarray | None = None  # where known (−1 elsewhere), for label-issue reports
+  class_names: tuple[str, ...] = ()  # label i's name where the layout gives names
 
 
 def _layout_error(path: pathlib.Path, dataset: str, expected: str) -> FileNotFoundError:
@@ -90,10 +92,13 @@ def _read_keys(path: pathlib.Path) -> list[str]:
     return [line.strip() for line in f if line.strip()]
 
 
-def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
-  bad = (labels < 0) | (labels >= num_classes)
+def _check_labels(labels: np.ndarray, num_classes: int, where: str, unlabelled: bool = False
+                  ) -> None:
+  """Labels must lie in [0, num_classes), or be −1 (no label) where `unlabelled` allows it."""
+  bad = (labels < (-1 if unlabelled else 0)) | (labels >= num_classes)
   if bad.any():
-    raise ValueError(f"{where}: label {int(labels[np.argmax(bad)])} lies outside [0, {num_classes}).")
+    allowed = f"[0, {num_classes})" + (" or −1 (unlabelled)" if unlabelled else "")
+    raise ValueError(f"{where}: label {int(labels[np.argmax(bad)])} lies outside {allowed}.")
 
 
 def _check_images_exist(files: np.ndarray, where: str, seed: int = 0) -> None:
@@ -140,13 +145,16 @@ def clothing1m(data_dir: str | os.PathLike[str]) -> StreamedDataset:
     _check_images_exist(result.files, str(root / key_file))
     return result
 
+  names = root / "category_names_eng.txt"  # in the authors' release; optional here
+  class_names = tuple(_read_keys(names)) if names.is_file() else ()
   train_keys = _read_keys(root / "noisy_train_key_list.txt")
   train = listed("noisy_train_key_list.txt", noisy, "noisy_label_kv.txt", train_keys)
   return StreamedDataset(
       name="clothing1m", num_classes=CLOTHING1M_CLASSES, train=train,
       meta=listed("clean_val_key_list.txt", clean, "clean_label_kv.txt"),
       tests={"test": listed("clean_test_key_list.txt", clean, "clean_label_kv.txt")},
-      clean_train_labels=np.asarray([clean.get(k, -1) for k in train_keys], np.int32))
+      clean_train_labels=np.asarray([clean.get(k, -1) for k in train_keys], np.int32),
+      class_names=class_names if len(class_names) == CLOTHING1M_CLASSES else ())
 
 
 def _webvision_synsets(root: pathlib.Path, num_classes: int) -> list[str]:
@@ -195,11 +203,13 @@ def webvision(data_dir: str | os.PathLike[str], num_classes: int, num_meta: int,
                      f"< {len(val)}.")
   order = np.random.default_rng(seed).permutation(len(val))
   tests = {"test": val.subset(np.sort(order[num_meta:]))}
+  synsets = (_webvision_synsets(root, num_classes) if imagenet_val_dir
+             or (root / "info" / "synsets.txt").is_file() else [])
   if imagenet_val_dir:
-    tests["imagenet_val"] = _class_folders(pathlib.Path(imagenet_val_dir),
-                                           _webvision_synsets(root, num_classes))
+    tests["imagenet_val"] = _class_folders(pathlib.Path(imagenet_val_dir), synsets)
   return StreamedDataset(name="webvision", num_classes=num_classes, train=train,
-                         meta=val.subset(np.sort(order[:num_meta])), tests=tests)
+                         meta=val.subset(np.sort(order[:num_meta])), tests=tests,
+                         class_names=tuple(synsets))
 
 
 def _class_folders(root: pathlib.Path, classes: list[str]) -> ImageList:
@@ -225,35 +235,43 @@ def image_folder(data_dir: str | os.PathLike[str], train_list: str = "") -> Stre
   """Your own dataset: `train/<class>/…` (or a `train_list` of `path <label>` lines, paths relative to
   `data_dir`) with noisy labels, and clean `meta/<class>/…` and `test/<class>/…`.
 
-  Classes are the sorted folder names of `meta/`; with `train/`, its folders must be the same.
+  Classes are the sorted folder names of `meta/` (label i is the i-th name); with `train/`, its
+  folders must be the same. In a `train_list`, label −1 marks an image without a label: warm-up
+  skips it, phase 2 learns from it through its soft label.
   """
   root = pathlib.Path(data_dir)
   meta_dir = root / "meta"
   if not meta_dir.is_dir():
     raise _layout_error(meta_dir, "image-folder", "meta/<class>/, test/<class>/ and train/<class>/ "
                         "(or --config.data.train_list)")
-  classes = sorted(p.name for p in meta_dir.iterdir() if p.is_dir())
+  classes = sorted(p.name for p in meta_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+  if not classes:
+    raise ValueError(f"{meta_dir} has no class folders: the image-folder layout keeps each class's "
+                     "images in meta/<class>/ (and test/<class>/, train/<class>/).")
   if train_list:
     list_path = pathlib.Path(train_list)
     list_path = list_path if list_path.is_absolute() else root / list_path
     if not list_path.is_file():
       raise FileNotFoundError(f"config.data.train_list: {list_path} does not exist.")
     files, labels = _read_pairs(list_path)
-    _check_labels(labels, len(classes), str(list_path))
+    _check_labels(labels, len(classes), f"{list_path} (classes: {', '.join(classes)})",
+                  unlabelled=True)
     train = ImageList(_absolute(root, files), labels)
     _check_images_exist(train.files, str(list_path))
   else:
     train_dir = root / "train"
     if not train_dir.is_dir():
       raise _layout_error(train_dir, "image-folder", "train/<class>/ or --config.data.train_list")
-    train_classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    train_classes = sorted(p.name for p in train_dir.iterdir()
+                           if p.is_dir() and not p.name.startswith("."))
     if train_classes != classes:
       raise ValueError(f"{train_dir} has class folders {train_classes}, {meta_dir} has {classes}: "
                        "they must be the same.")
     train = _class_folders(train_dir, classes)
   return StreamedDataset(name="image_folder", num_classes=len(classes), train=train,
                          meta=_class_folders(meta_dir, classes),
-                         tests={"test": _class_folders(root / "test", classes)})
+                         tests={"test": _class_folders(root / "test", classes)},
+                         class_names=tuple(classes))
 
 
 def load(data_config: Any, seed: int) -> StreamedDataset:

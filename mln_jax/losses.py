@@ -6,8 +6,14 @@ import optax
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean categorical cross-entropy of integer labels."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  """Mean categorical cross-entropy of integer labels over the labelled samples.
+
+  A label −1 marks an unlabelled sample: it adds nothing (optax alone would read it as the last
+  class), and a batch without labels has loss 0.
+  """
+  labelled = labels >= 0
+  per_sample = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+  return jnp.where(labelled, per_sample, 0.0).sum() / jnp.maximum(labelled.sum(), 1)
 
 
 def soft_label_kl(logits: jax.Array, log_soft_labels: jax.Array) -> jax.Array:

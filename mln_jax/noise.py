@@ -12,6 +12,8 @@ import pathlib
 import numpy as np
 
 NOISE_KINDS = ('none', 'uniform', 'feature_dependent', 'class_dependent', 'given')
+# The kinds that noise.rate sets (for 'none' and 'given' only the realised rate means anything).
+RATED_KINDS = ('uniform', 'feature_dependent', 'class_dependent')
 
 # Source class -> noisy class of the reference's class-dependent noise: bird->airplane, cat->dog,
 # deer->horse, dog->cat, truck->automobile.
@@ -227,7 +229,9 @@ def student_probabilities(path: str | os.PathLike, *, recover: bool = False) -> 
   """
   path = pathlib.Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f'student probabilities not found: {path}')
+    raise FileNotFoundError(f'student probabilities not found: {path}. They come with the shared '
+                            'CIFAR-10 pack; for another copy of CIFAR-10 set '
+                            '--config.noise.probabilities to an (N, C) .npy file or clean_model.')
   with np.load(path, allow_pickle=False) as archive:
     if 'student_probs' not in archive.files:
       raise ValueError(f"{path} has no array 'student_probs'; it holds {archive.files}")
@@ -290,5 +294,6 @@ def make_noisy_labels(
   if kind == 'class_dependent':
     return class_dependent_noise(clean, rate, seed, num_classes=num_classes)
   if path is None:
-    raise ValueError("noise kind 'given' needs the path of a noisy-label file")
+    raise ValueError("noise kind 'given' needs the path of a noisy-label file: set "
+                     "--config.noise.labels_path.")
   return load_noisy_labels(path, clean.size, num_classes)

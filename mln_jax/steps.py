@@ -19,11 +19,23 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
-def _forward_train(state: TrainState, params: Any, images: jax.Array
+# Dropout keys (for classifiers with nn.Dropout; others ignore them) come from the state's key, the
+# step and the batch's stream, far from the epoch indices the data stream folds into the same key.
+_DROPOUT_STREAMS = {"train": 2**31 - 1, "meta": 2**31 - 2}
+
+
+def _forward_train(state: TrainState, params: Any, images: jax.Array, stream: str = "train"
                    ) -> tuple[jax.Array, Any]:
-  """Classifier logits in training mode (BatchNorm batch statistics) and the updated running stats."""
+  """Classifier logits in training mode (BatchNorm batch statistics) and the updated running stats.
+
+  Every forward pass of one step over one stream drops the same units, so that the inner update,
+  the JVP and the final update of `meta_step` see one and the same function of the parameters.
+  """
+  dropout_key = jax.random.fold_in(jax.random.fold_in(state.rng, _DROPOUT_STREAMS[stream]),
+                                   state.step)
   (logits, _), mutated = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, images,
-                                        train=True, mutable=["batch_stats"])
+                                        train=True, mutable=["batch_stats"],
+                                        rngs={"dropout": dropout_key})
   return logits, mutated.get("batch_stats", {})
 
 
@@ -49,6 +61,10 @@ def warmup_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
 
 def soft_label_logits(state: TrainState, mln_params: Any, images: jax.Array) -> jax.Array:
   """MetaLabelNet's logits for a batch: SLP on the frozen extractor's features (inference mode)."""
+  if not state.extractor_frozen:
+    raise ValueError("The state has no frozen feature extractor: MetaLabelNet's soft labels come from "
+                     "the warmed-up classifier's features. Call freeze_extractor(state) after the "
+                     "warm-up (a cross-entropy run has no extractor, hence no soft labels).")
   _, features = state.apply_fn(state.extractor_variables, images, train=False)
   return state.mln_apply_fn({"params": mln_params}, jax.lax.stop_gradient(features))
 
@@ -67,7 +83,7 @@ def _inner_update(state: TrainState, images: jax.Array, log_soft_labels: jax.Arr
 
 def _meta_loss(state: TrainState, params: Any, meta_batch: Batch) -> tuple[jax.Array, jax.Array]:
   """SPEC step 4: cross-entropy on the clean meta batch (BatchNorm in training mode, stats discarded)."""
-  logits, _ = _forward_train(state, params, meta_batch["image"])
+  logits, _ = _forward_train(state, params, meta_batch["image"], stream="meta")
   return losses.cross_entropy(logits, meta_batch["label"]), logits
 
 

@@ -365,20 +365,33 @@ def run_environment(config: ml_collections.ConfigDict) -> dict[str, Any]:
 RESUMABLE_CHANGES = ("data.meta_in_memory", "export_soft_labels")
 
 
-def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, write: bool = True
-                         ) -> None:
-  """A workdir belongs to one config: resuming with another would silently mix two runs."""
+def has_checkpoint(checkpoint_dir: str) -> bool:
+  """Whether orbax finished a checkpoint in `checkpoint_dir` (its steps are folders named by number)."""
+  return os.path.isdir(checkpoint_dir) and any(name.isdigit() for name in os.listdir(checkpoint_dir))
+
+
+def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, checkpoint_dir: str,
+                         write: bool = True) -> None:
+  """A workdir belongs to one config: resuming with another would silently mix two runs.
+
+  A workdir whose run stopped before its first checkpoint (say a wrong data_dir or a diverging
+  learning rate) holds nothing to resume, so a corrected config replaces the saved one.
+  """
   path = os.path.join(workdir, "config.json")
   current = json.loads(config.to_json_best_effort())
   if os.path.exists(path):
     with open(path) as f:
-      saved, now = _flatten(json.load(f)), _flatten(current)
+      saved, now = config_lib.flatten(json.load(f)), config_lib.flatten(current)
     changed = sorted(k for k in set(saved) | set(now)
                      if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
-    if changed:
+    if not changed:
+      return
+    if has_checkpoint(checkpoint_dir) or os.path.exists(os.path.join(workdir, RESULTS_FILE)):
       raise ValueError(f"{workdir} holds a run with a different config (differs in: "
                        f"{', '.join(changed)}). Resume with the same config or use a new --workdir.")
-  elif write:
+    logging.info("%s: no checkpoint yet, so the new config replaces the saved one (it differed "
+                 "in %s).", workdir, ", ".join(changed))
+  if write:
     write_json_atomically(path, current)
 
 
@@ -443,7 +456,7 @@ def _train_and_evaluate_runs(configs: list[ml_collections.ConfigDict], workdir: 
   run_dirs = _run_dirs(workdir, num_runs)
   for run_dir, run_config in zip(run_dirs, configs):
     os.makedirs(run_dir, exist_ok=True)
-    check_workdir_config(run_dir, run_config)
+    check_workdir_config(run_dir, run_config, os.path.join(workdir, "checkpoints"))
   results_paths = [os.path.join(d, RESULTS_FILE) for d in run_dirs]
   if all(os.path.exists(p) for p in results_paths):
     logging.info("%s is complete; returning its results.", workdir)
@@ -511,7 +524,7 @@ def _train_and_evaluate_runs(configs: list[ml_collections.ConfigDict], workdir: 
   run_writers = [writers.create_writer(d) for d in run_dirs]
   if start_epoch == 0:
     for writer, run_config in zip(run_writers, configs):
-      writer.write_hparams({k: v for k, v in _flatten(run_config.to_dict()).items()
+      writer.write_hparams({k: v for k, v in config_lib.flatten(run_config.to_dict()).items()
                             if isinstance(v, (int, float, str, bool))})
   metalabelnet = config.method == "metalabelnet"
   for epoch in range(start_epoch, config.num_epochs):
@@ -519,6 +532,8 @@ def _train_and_evaluate_runs(configs: list[ml_collections.ConfigDict], workdir: 
     phase = "metalabelnet" if phase2 else ("warm-up" if metalabelnet else "cross-entropy")
     if phase2 and epoch == config.warmup_epochs:
       state = freeze_extractor(state)
+    elif phase2 and not state.extractor_frozen:  # resumed in phase 2: the extractor was restored
+      state = state.replace(extractor_frozen=True)
     lr = config_lib.learning_rate_at(config, epoch)
     state = state.replace(opt_state=set_learning_rate(state.opt_state, lr))
     epoch_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.rng, epoch)
@@ -591,7 +606,9 @@ def _train_and_evaluate_runs(configs: list[ml_collections.ConfigDict], workdir: 
         "method": config.method,
         "dataset": run_data.name,
         "seed": run_config.seed,
-        "noise": {"kind": run_config.noise.kind, "rate": run_config.noise.rate,
+        "noise": {"kind": run_config.noise.kind,
+                  "rate": (run_config.noise.rate if run_config.noise.kind in noise_lib.RATED_KINDS
+                           else None),
                   "realised_rate": run_data.realised_noise_rate},
         "best": run["best"],
         "last": {"epoch": history[-1]["epoch"], "meta_accuracy": history[-1]["meta_accuracy"],
@@ -640,17 +657,20 @@ def load_trained_state(workdir: str) -> tuple[TrainState, ml_collections.ConfigD
   checkpoints = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, where["dir"])))
   state = checkpoints.restore(checkpoints.latest_step(), args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract))).state
-  return (jax.tree.map(lambda x: x[where["run_index"]], state) if stacked else state), config
+  state = jax.tree.map(lambda x: x[where["run_index"]], state) if stacked else state
+  # A MetaLabelNet run ends in phase 2, with the extractor frozen at the end of its warm-up.
+  return state.replace(extractor_frozen=config.method == "metalabelnet"), config
 
 
-def soft_labels_for(state: TrainState, images: np.ndarray, batch_size: int = 1000,
-                    config: ml_collections.ConfigDict | None = None) -> np.ndarray:
+def soft_labels_for(state: TrainState, images: np.ndarray, config: ml_collections.ConfigDict,
+                    batch_size: int = 1000) -> np.ndarray:
   """MetaLabelNet's soft labels for uint8 NHWC images (new, unlabelled or training images).
 
-  With the run's `config` (from `load_trained_state`), images of a streamed dataset get its ImageNet
-  normalisation; they must already have its size (`input_pipeline.decode_all` prepares files).
+  `state` and `config` are a finished run's, from `load_trained_state`: the config says how images
+  are normalised (streamed datasets: ImageNet's statistics; they must already have the run's size,
+  which `input_pipeline.decode_all` gives files).
   """
-  streamed = config is not None and config.data.name in config_lib.STREAMED_DATASETS
+  streamed = config.data.name in config_lib.STREAMED_DATASETS
   mesh = make_mesh()
   predict = make_predict(mesh, batch_size, steps.predict_soft_labels,
                          normalise=augment.normalise_imagenet if streamed else augment.normalise)
@@ -708,7 +728,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[dict[
     lines.append(f"{method:<15}{_mean_std(best):>24}{_mean_std(last):>22}")
   rates = " ".join("unknown" if r is None else f"{r:.3f}" for r in summary["realised_noise_rate"])
   noise = ("the dataset's own noisy labels" if streamed
-           else f"{config.noise.kind} noise {config.noise.rate}")
+           else f"{config.noise.kind} noise {config.noise.rate}"
+           if config.noise.kind in noise_lib.RATED_KINDS else f"{config.noise.kind} noise")
   header = f"{config.data.name}, {noise}, seeds {summary['seeds']}, realised noise rates {rates}:"
   print("\n" + header + "\n" + "\n".join(lines))
   return results
@@ -718,13 +739,3 @@ def _mean_std(values: list[float]) -> str:
   if len(values) == 1:
     return f"{values[0]:.4f}"
   return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat

@@ -66,6 +66,9 @@ class TrainState:
   mln_tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
   inner_lr: float = flax.struct.field(pytree_node=False, default=1.0)
   meta_gradient: str = flax.struct.field(pytree_node=False, default="autodiff")
+  # Set by `freeze_extractor`; MetaLabelNet refuses a state without it (its soft labels would come
+  # from the initial classifier's features).
+  extractor_frozen: bool = flax.struct.field(pytree_node=False, default=False)
 
   @property
   def variables(self) -> dict[str, PyTree]:
@@ -127,7 +130,7 @@ def create_train_state(
 def freeze_extractor(state: TrainState) -> TrainState:
   """Phase 1 -> 2: the current classifier becomes the (never trained again) feature extractor."""
   return state.replace(extractor_params=_copy(state.params),
-                       extractor_batch_stats=_copy(state.batch_stats))
+                       extractor_batch_stats=_copy(state.batch_stats), extractor_frozen=True)
 
 
 def _copy(tree: PyTree) -> PyTree:

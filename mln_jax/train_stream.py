@@ -160,7 +160,7 @@ def _train_and_evaluate_stream(config: ml_collections.ConfigDict, workdir: str, 
   lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   # Every process compares (so that all stop on a mismatch); only process 0 writes.
-  train.check_workdir_config(workdir, config, write=lead)
+  train.check_workdir_config(workdir, config, os.path.join(workdir, "checkpoints"), write=lead)
   results_path = os.path.join(workdir, train.RESULTS_FILE)
   if os.path.exists(results_path):
     logging.info("%s is complete; returning its results.", workdir)
@@ -213,6 +213,12 @@ def _train_and_evaluate_stream(config: ml_collections.ConfigDict, workdir: str, 
     elif dataset.name == "clothing1m":
       logging.warning("The classifier starts from random weights; the paper's Clothing1M protocol "
                       "starts from ImageNet weights (--config.model.pretrained=<resnet50 .pth>).")
+    elif dataset.name == "image_folder" and config.model.name in ("resnet50", "resnet"):
+      logging.warning("The ResNet starts from random weights, but the schedule (lr %g, %d "
+                      "epochs) is made for fine-tuning: give --config.model.pretrained=<resnet50 "
+                      ".pth>, or a longer schedule (--config.num_epochs, warmup_epochs, "
+                      "optim.learning_rate, optim.lr_boundaries).", config.optim.learning_rate,
+                      config.num_epochs)
     state = train.replicate(mesh, state)
 
   def save(global_step: int) -> None:
@@ -235,6 +241,8 @@ def _train_and_evaluate_stream(config: ml_collections.ConfigDict, workdir: str, 
     phase = "metalabelnet" if phase2 else ("warm-up" if metalabelnet else "cross-entropy")
     if phase2 and epoch == config.warmup_epochs and start_step == 0:
       state = freeze_extractor(state)
+    elif phase2 and not state.extractor_frozen:  # resumed in phase 2: the extractor was restored
+      state = state.replace(extractor_frozen=True)
     lr = config_lib.learning_rate_at(config, epoch)
     state = state.replace(opt_state=set_learning_rate(state.opt_state, lr))
     indices = everything if phase2 else labelled
@@ -344,7 +352,8 @@ def _train_and_evaluate_stream(config: ml_collections.ConfigDict, workdir: str, 
     soft = soft_labels_of_list(state, dataset.train, mesh, eval_batch_size, eval_prep)
     if lead:
       labels_lib.write_soft_labels(os.path.join(workdir, "soft_labels.npz"), dataset.train.labels,
-                                   soft, clean, image_file=dataset.train.files)
+                                   soft, clean, image_file=dataset.train.files,
+                                   class_names=np.asarray(dataset.class_names, str))
     if known.any():  # Clothing1M: the noisy images that also have a clean label
       label_issues = {"measured_on": int(known.sum()), **labels_lib.label_issue_report(
           dataset.train.labels[known], soft[known], clean[known])}
@@ -353,6 +362,7 @@ def _train_and_evaluate_stream(config: ml_collections.ConfigDict, workdir: str, 
       "dataset": dataset.name,
       "seed": config.seed,
       "num_train": len(dataset.train),
+      "class_names": list(dataset.class_names),  # label i's name ([] where the layout has none)
       "num_labelled": int(len(labelled)),
       "num_meta": len(dataset.meta),
       "best": progress["best"],

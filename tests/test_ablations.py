@@ -27,9 +27,10 @@ def test_plan_has_one_command_per_value_for_the_gpu_or_locally():
       f"--config.noise.kind=feature_dependent --config.noise.rate=0.4 "
       f"--config.warmup_epochs={w} --config.num_runs=3" for w in (20, 30, 44, 60)]
   local = ablations.plan("unlabelled", seeds=2, config="configs/digits.py", values=[100, 600],
-                         local="/tmp/abl")
+                         local="/tmp/abl", data_dir="/data/c10")
   assert local[1] == ("python -m mln_jax.main --config=configs/digits.py "
-                      "--workdir=/tmp/abl/ablation_unlabelled_600 --config.noise.kind="
+                      "--workdir=/tmp/abl/ablation_unlabelled_600 --config.data_dir=/data/c10 "
+                      "--config.noise.kind="
                       "feature_dependent --config.noise.rate=0.4 --config.data.num_unlabelled=600 "
                       "--config.num_runs=2")
 

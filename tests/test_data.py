@@ -413,9 +413,9 @@ def test_load_dataset_errors():
     data.load_dataset(types.SimpleNamespace(name='mnist'))
   with pytest.raises(ValueError, match='tfds.*pack, python'):
     data.load_dataset(types.SimpleNamespace(name='cifar10', source='tfds', data_dir='/x'))
-  with pytest.raises(FileNotFoundError, match=r'--config\.data\.data_dir='):
+  with pytest.raises(FileNotFoundError, match=r'--config\.data_dir='):
     data.load_dataset(types.SimpleNamespace(name='cifar10', source='pack', data_dir=''))
-  with pytest.raises(FileNotFoundError, match=r'--config\.data\.data_dir='):
+  with pytest.raises(FileNotFoundError, match=r'--config\.data_dir='):
     data.load_dataset(types.SimpleNamespace(name='cifar10', source='python'))
 
 

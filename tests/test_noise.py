@@ -313,3 +313,8 @@ def test_feature_dependent_40_percent_on_cifar10_student(cifar10_pack):
   wrong = np.flatnonzero(order[:, -1] != clean)
   assert wrong.size == 5317
   np.testing.assert_array_equal(noisy[wrong], order[wrong, -1])
+
+
+def test_missing_student_probabilities_name_the_setting(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"student_probs.npz\. .*set --config.noise.probabilities"):
+    noise.student_probabilities(tmp_path / "student_probs.npz")

@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,6 +54,10 @@ def test_losses_match_hand_computed_values():
   np.testing.assert_allclose(losses.soft_label_kl(logits, jnp.log(soft)), expected_kl, rtol=1e-6)
   np.testing.assert_allclose(losses.entropy(logits), expected_entropy, rtol=1e-6)
   np.testing.assert_allclose(losses.cross_entropy(logits, jnp.array([0, 1])), expected_ce, rtol=1e-6)
+  # Unlabelled samples (−1) are left out of the mean, not read as the last class.
+  np.testing.assert_allclose(losses.cross_entropy(logits, jnp.array([-1, 1])), -np.log(0.25),
+                             rtol=1e-6)
+  assert losses.cross_entropy(logits, jnp.array([-1, -1])) == 0.0
   assert losses.soft_label_kl(logits, jax.nn.log_softmax(logits)) == pytest.approx(0.0, abs=1e-7)
 
 
@@ -121,6 +126,32 @@ def test_jvp_meta_gradient_stays_finite_when_soft_labels_underflow():
     np.testing.assert_allclose(a, j, rtol=1e-3, atol=1e-6 * float(jnp.abs(a).max()))
 
 
+class DropoutClassifier(nn.Module):
+  """A user's module with dropout in training mode (not one of mln_jax's models)."""
+
+  @nn.compact
+  def __call__(self, x, train):
+    features = nn.relu(nn.Dense(16)(x.reshape((x.shape[0], -1))))
+    features = nn.Dropout(0.5, deterministic=not train)(features)
+    return nn.Dense(NUM_CLASSES)(features), features
+
+
+def test_a_dropout_classifier_trains_with_one_mask_per_step():
+  state = make_state(DropoutClassifier())
+  batch, meta_batch = make_batch(3), make_batch(4)
+  new_state, metrics = jax.jit(steps.warmup_step)(state, batch)
+  assert np.isfinite(metrics["loss"])
+  # The JVP form is exact only if every forward pass of the step drops the same units.
+  feature_fn = lambda phi: steps.soft_label_logits(state, phi, batch["image"])
+  _, grads_a, _ = steps.meta_gradient_autodiff(state, batch["image"], meta_batch, feature_fn)
+  _, grads_j, _ = steps.meta_gradient_jvp(state, batch["image"], meta_batch, feature_fn)
+  for a, j in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_j)):
+    np.testing.assert_allclose(a, j, rtol=1e-3, atol=1e-6 * float(jnp.abs(a).max()))
+  # Masks change from step to step.
+  loss = lambda s: steps._meta_loss(s, s.params, meta_batch)[0]
+  assert loss(state) != loss(state.replace(step=state.step + 1))
+
+
 @pytest.mark.parametrize("arch", ["conv_bn", "mlp"])
 def test_meta_step_updates_classifier_and_metalabelnet(arch):
   state = make_state(tiny_models()[arch])
@@ -138,6 +169,14 @@ def test_meta_step_updates_classifier_and_metalabelnet(arch):
   # Training labels are not read: relabelling the batch gives the same new state.
   other, _ = step(state, make_batch(5, labelled=True), make_batch(6))
   assert not changed(other.params, new_state.params)
+
+
+def test_meta_step_refuses_a_state_without_frozen_extractor():
+  state = create_train_state(jax.random.PRNGKey(0), tiny_models()["conv_bn"], IMAGE_SHAPE,
+                             NUM_CLASSES)
+  with pytest.raises(ValueError, match=r"Call freeze_extractor\(state\) after the warm-up"):
+    jax.jit(steps.meta_step)(state, make_batch(5), make_batch(6))
+  assert freeze_extractor(state).extractor_frozen
 
 
 def test_meta_step_lowers_meta_loss_of_inner_update():

@@ -94,6 +94,29 @@ def test_image_folder_layout_with_and_without_a_train_list(tmp_path):
   listed = file_lists.image_folder(tmp_path, train_list="noisy.txt")
   assert listed.train.labels.tolist() == [2, 0]
   assert listed.train.files[0] == str(tmp_path / "train/cat/000.jpg")
+  assert dataset.class_names == listed.class_names == ("cat", "dog", "fish")
+  (tmp_path / "noisy.txt").write_text("train/cat/000.jpg -2\n")
+  with pytest.raises(ValueError, match=r"classes: cat, dog, fish\): label -2 lies outside \[0, 3\) "
+                                       r"or −1 \(unlabelled\)"):
+    file_lists.image_folder(tmp_path, train_list="noisy.txt")
+
+
+def test_image_folder_run_with_unlabelled_lines_names_its_classes(tmp_path):
+  fake_layouts.image_folder(tmp_path / "mine")
+  files = sorted((tmp_path / "mine/train").rglob("*.jpg"))
+  # Every third training image has no label (−1): it joins phase 2 only.
+  classes = ("cat", "dog", "fish")
+  lines = [f"{f.relative_to(tmp_path / 'mine')} {-1 if i % 3 == 0 else classes.index(f.parent.name)}"
+           for i, f in enumerate(files)]
+  (tmp_path / "mine/noisy.txt").write_text("\n".join(lines) + "\n")
+  config = tiny_streamed("image_folder", tmp_path / "mine", **{"data.train_list": "noisy.txt",
+                                                                "num_epochs": 2})
+  results = train_stream.train_and_evaluate_stream(config, str(tmp_path / "run"))
+  assert (results["num_train"], results["num_labelled"]) == (36, 24)
+  assert results["class_names"] == list(classes)
+  with np.load(tmp_path / "run/soft_labels.npz") as export:
+    assert export["class_names"].tolist() == list(classes)
+    assert (export["given_label"] == -1).sum() == 12
 
 
 def _break(root: pathlib.Path, what: str) -> None:
@@ -149,6 +172,9 @@ def test_other_layout_errors(tmp_path, webvision_root):
   (tmp_path / "mine/train/bird").mkdir()
   with pytest.raises(ValueError, match="class folders .*bird.* they must be the same"):
     file_lists.image_folder(tmp_path / "mine")
+  (tmp_path / "flat/meta").mkdir(parents=True)
+  with pytest.raises(ValueError, match="flat/meta has no class folders"):
+    file_lists.image_folder(tmp_path / "flat")
   with pytest.raises(FileNotFoundError, match="no data_dir set for clothing1m"):
     file_lists.load(tiny_streamed("clothing1m", "").data, seed=0)
 
@@ -286,7 +312,7 @@ def test_clothing1m_run_resumed_mid_epoch_equals_an_uninterrupted_run(tmp_path, 
   from mln_jax import train
   state, run_config = train.load_trained_state(str(tmp_path / "whole"))
   pixels = input_pipeline.decode_all(dataset.train, PREP)
-  np.testing.assert_allclose(train.soft_labels_for(state, pixels, config=run_config),
+  np.testing.assert_allclose(train.soft_labels_for(state, pixels, run_config),
                              exported["soft_label"], rtol=1e-5, atol=1e-6)
 
   real_check = train_stream._check_finite
@@ -426,6 +452,7 @@ def test_webvision_cli_reports_top1_and_top5_on_both_test_sets(tmp_path, webvisi
   with open(workdir / "results.json") as f:
     results = json.load(f)
   assert results["dataset"] == "webvision" and results["num_classes"] == 4
+  assert results["class_names"] == [f"n{1440764 + 17 * c:08d}" for c in range(4)]  # synsets.txt
   assert set(results["best"]) == {"epoch", "meta_accuracy", "meta_top5", "test_accuracy",
                                   "test_top5", "imagenet_val_accuracy", "imagenet_val_top5"}
   assert results["last"]["imagenet_val_top5"] == 1.0  # 4 classes: the top 5 hold every class

@@ -4,6 +4,10 @@ import importlib.util
 import json
 import pathlib
 
+import pytest
+
+from mln_jax.config import default_config
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("table1", ROOT / "experiments" / "table1.py")
 table1 = importlib.util.module_from_spec(spec)
@@ -17,6 +21,10 @@ def test_plan_has_one_command_per_cell():
           "--config.noise.kind=feature_dependent --config.noise.rate=0.4 --config.num_runs=3"
           in commands)
   assert all("configs/cifar10_cross_entropy.py" in c for c in commands if "cross_entropy_" in c)
+  local = table1.plan(seeds=2, local="/tmp/t1", data_dir="/data/c10")
+  assert local[0] == ("python -m mln_jax.main --config=configs/cifar10_cross_entropy.py "
+                      "--workdir=/tmp/t1/cross_entropy_uniform_20 --config.data_dir=/data/c10 "
+                      "--config.noise.kind=uniform --config.noise.rate=0.2 --config.num_runs=2")
 
 
 def fake_history(method, last, num_epochs=6, warmup_epochs=2):
@@ -36,8 +44,13 @@ def fake_history(method, last, num_epochs=6, warmup_epochs=2):
   return history
 
 
-def _fake_result(folder, method, kind, rate, seed, best, last):
+def _fake_result(folder, method, kind, rate, seed, best, last, **config_changes):
+  """A finished run's results.json and config.json (the paper's protocol unless changed)."""
   folder.mkdir(parents=True)
+  config = default_config()
+  config.update(method=method, seed=seed, data_dir="/data/c10", **config_changes)
+  config.noise.update(kind=kind, rate=rate)
+  (folder / "config.json").write_text(config.to_json_best_effort())
   (folder / "results.json").write_text(json.dumps({
       "method": method, "seed": seed, "noise": {"kind": kind, "rate": rate, "realised_rate": rate},
       "best": {"test_accuracy": best}, "last": {"test_accuracy": last}, "wall_time_s": 60.0,
@@ -58,3 +71,15 @@ def test_assemble_averages_seeds_and_marks_missing_cells(tmp_path):
   # Figures only for the noise settings that were run.
   assert sorted(p.name for p in (tmp_path / "out" / "table1_figures").iterdir()) == [
       "feature_dependent_40_accuracy.png", "feature_dependent_40_soft_labels.png"]
+
+
+def test_assemble_leaves_out_runs_of_another_protocol(tmp_path, capsys):
+  runs = tmp_path / "runs"
+  _fake_result(runs / "paper", "metalabelnet", "uniform", 0.2, 0, 0.83, 0.83)
+  _fake_result(runs / "short", "metalabelnet", "uniform", 0.2, 1, 0.99, 0.99, num_epochs=16)
+  text = table1.assemble([runs], "test", out=tmp_path / "out").read_text()
+  assert "83.00 / 83.00 (83.35±0.17); n=1" in text
+  assert "differs in num_epochs" in capsys.readouterr().err
+  (runs / "paper" / "results.json").unlink()
+  with pytest.raises(FileNotFoundError, match="No Table I run"):
+    table1.assemble([runs], "test", out=tmp_path / "out2")
