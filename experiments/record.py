@@ -33,7 +33,8 @@ def mean_std(values: list[float], separator: str = " ± ") -> str:
   return f"{statistics.mean(values):.2f}{separator}{statistics.stdev(values):.2f}"
 
 
-def record(workdirs: list[pathlib.Path], name: str, command: str, note: str) -> pathlib.Path:
+def record(workdirs: list[pathlib.Path], name: str, command: str, note: str,
+           figures: bool = False) -> pathlib.Path:
   runs = {path: r for w in workdirs for path, r in load_runs(w).items()}
   first = next(iter(runs.values()))
   lines = [
@@ -72,6 +73,15 @@ def record(workdirs: list[pathlib.Path], name: str, command: str, note: str) -> 
       lines.append(f"| {method} | {len(results)} "
                    f"| {mean_std([r['best']['test_accuracy'] for r in results])} "
                    f"| {mean_std([r['last']['test_accuracy'] for r in results])} |")
+  if figures:
+    import figures as figures_lib  # matplotlib: only when asked for
+    noise = (f"{first['noise']['kind']} noise" + ("" if first["noise"]["rate"] is None
+                                                  else f" {first['noise']['rate']}"))
+    figures_lib.setting_figures(by_method, RESULTS / f"{name}_figures", name,
+                                f"{first['dataset']}, {noise}")
+    lines += ["", f"Figures in `{name}_figures/`: test accuracy per epoch (`{name}_accuracy.png`, "
+              "the end of the warm-up marked) and, for MetaLabelNet, soft-label stability "
+              f"(`{name}_soft_labels.png`)."]
   if note:
     lines += ["", note]
   RESULTS.mkdir(parents=True, exist_ok=True)
@@ -88,5 +98,7 @@ if __name__ == "__main__":
   parser.add_argument("--name", required=True, help="file name under experiments/results/")
   parser.add_argument("--command", required=True, help="the exact command that made the runs")
   parser.add_argument("--note", default="", help="a closing remark for the record")
+  parser.add_argument("--figures", action="store_true",
+                      help="also draw accuracy per epoch and soft-label stability")
   args = parser.parse_args()
-  print(record(args.workdir, args.name, args.command, args.note))
+  print(record(args.workdir, args.name, args.command, args.note, args.figures))

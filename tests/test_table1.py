@@ -83,3 +83,25 @@ def test_assemble_leaves_out_runs_of_another_protocol(tmp_path, capsys):
   (runs / "paper" / "results.json").unlink()
   with pytest.raises(FileNotFoundError, match="No Table I run"):
     table1.assemble([runs], "test", out=tmp_path / "out2")
+
+
+def test_record_writes_a_report_with_figures(tmp_path, monkeypatch):
+  spec = importlib.util.spec_from_file_location("record", ROOT / "experiments" / "record.py")
+  record = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(record)
+  monkeypatch.setattr(record, "RESULTS", tmp_path / "results")
+  for method, accuracy in (("cross_entropy", 0.64), ("metalabelnet", 0.66)):
+    folder = tmp_path / "run" / method
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({
+        "method": method, "dataset": "cifar10", "seed": 0,
+        "noise": {"kind": "feature_dependent", "rate": 0.4, "realised_rate": 0.4},
+        "best": {"test_accuracy": accuracy, "epoch": 6}, "last": {"test_accuracy": accuracy},
+        "history": fake_history(method, accuracy), "epochs_time_s": 10.0, "wall_time_s": 12.0,
+        "label_issues": None, "device": "cpu x1", "jax_version": "0", "commit": "abc1234"}))
+  path = record.record([tmp_path / "run"], "c10", "python -m mln_jax.main ...", "", figures=True)
+  text = path.read_text()
+  assert "| metalabelnet | 0.4000 | 66.00 | 6 | 66.00 |" in text
+  assert "- noise: feature_dependent 0.4" in text
+  assert sorted(p.name for p in (tmp_path / "results" / "c10_figures").iterdir()) == [
+      "c10_accuracy.png", "c10_soft_labels.png"]
