@@ -37,14 +37,15 @@ def record(workdirs: list[pathlib.Path], name: str, command: str, note: str,
            figures: bool = False) -> pathlib.Path:
   runs = {path: r for w in workdirs for path, r in load_runs(w).items()}
   first = next(iter(runs.values()))
+  kind, rate = first["noise"]["kind"], first["noise"]["rate"]
+  rate = "" if rate is None else f" {rate}"  # 'given' and 'none' noise have no rate
   lines = [
       f"# {name}", "",
       f"- date: {datetime.date.today().isoformat()}",
       f"- device: {first['device']} (JAX {first['jax_version']})",
       f"- commit: {first['commit']}",
       f"- command: `{command}`",
-      f"- noise: {first['noise']['kind']}"
-      + ("" if first["noise"]["rate"] is None else f" {first['noise']['rate']}"), "",
+      f"- noise: {kind}{rate}", "",
       "Times are those of the program a run was part of (runs trained together share one).", "",
       "| run | method | realised noise | test acc at best meta epoch | best epoch | last-epoch test acc "
       "| epochs time (s) | wall time (s) |",
@@ -75,10 +76,8 @@ def record(workdirs: list[pathlib.Path], name: str, command: str, note: str,
                    f"| {mean_std([r['last']['test_accuracy'] for r in results])} |")
   if figures:
     import figures as figures_lib  # matplotlib: only when asked for
-    noise = (f"{first['noise']['kind']} noise" + ("" if first["noise"]["rate"] is None
-                                                  else f" {first['noise']['rate']}"))
     figures_lib.setting_figures(by_method, RESULTS / f"{name}_figures", name,
-                                f"{first['dataset']}, {noise}")
+                                f"{first['dataset']}, {kind} noise{rate}")
     lines += ["", f"Figures in `{name}_figures/`: test accuracy per epoch (`{name}_accuracy.png`, "
               "the end of the warm-up marked) and, for MetaLabelNet, soft-label stability "
               f"(`{name}_soft_labels.png`)."]

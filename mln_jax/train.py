@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mln_jax import augment, config as config_lib, data as data_lib, labels as labels_lib, models
 from mln_jax import noise as noise_lib, steps, writers
-from mln_jax.train_state import TrainState, create_train_state, freeze_extractor, set_learning_rate
+from mln_jax.train_state import TrainState, begin_phase2, create_train_state, set_learning_rate
 
 RESULTS_FILE = "results.json"
 
@@ -365,11 +365,6 @@ def run_environment(config: ml_collections.ConfigDict) -> dict[str, Any]:
 RESUMABLE_CHANGES = ("data.meta_in_memory", "export_soft_labels")
 
 
-def has_checkpoint(checkpoint_dir: str) -> bool:
-  """Whether orbax finished a checkpoint in `checkpoint_dir` (its steps are folders named by number)."""
-  return os.path.isdir(checkpoint_dir) and any(name.isdigit() for name in os.listdir(checkpoint_dir))
-
-
 def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, checkpoint_dir: str,
                          write: bool = True) -> None:
   """A workdir belongs to one config: resuming with another would silently mix two runs.
@@ -386,7 +381,8 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, checkp
                      if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
     if not changed:
       return
-    if has_checkpoint(checkpoint_dir) or os.path.exists(os.path.join(workdir, RESULTS_FILE)):
+    if (ocp.utils.checkpoint_steps(checkpoint_dir)
+        or os.path.exists(os.path.join(workdir, RESULTS_FILE))):
       raise ValueError(f"{workdir} holds a run with a different config (differs in: "
                        f"{', '.join(changed)}). Resume with the same config or use a new --workdir.")
     logging.info("%s: no checkpoint yet, so the new config replaces the saved one (it differed "
@@ -530,10 +526,8 @@ def _train_and_evaluate_runs(configs: list[ml_collections.ConfigDict], workdir: 
   for epoch in range(start_epoch, config.num_epochs):
     phase2 = metalabelnet and epoch >= config.warmup_epochs
     phase = "metalabelnet" if phase2 else ("warm-up" if metalabelnet else "cross-entropy")
-    if phase2 and epoch == config.warmup_epochs:
-      state = freeze_extractor(state)
-    elif phase2 and not state.extractor_frozen:  # resumed in phase 2: the extractor was restored
-      state = state.replace(extractor_frozen=True)
+    if phase2:
+      state = begin_phase2(state, at_warmup_end=epoch == config.warmup_epochs)
     lr = config_lib.learning_rate_at(config, epoch)
     state = state.replace(opt_state=set_learning_rate(state.opt_state, lr))
     epoch_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.rng, epoch)

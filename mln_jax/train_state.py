@@ -133,6 +133,14 @@ def freeze_extractor(state: TrainState) -> TrainState:
                        extractor_batch_stats=_copy(state.batch_stats), extractor_frozen=True)
 
 
+def begin_phase2(state: TrainState, at_warmup_end: bool) -> TrainState:
+  """The state for a phase-2 epoch: where the warm-up has just ended the classifier becomes the
+  extractor; a run resumed later in phase 2 restored its frozen extractor, which is marked so."""
+  if at_warmup_end:
+    return freeze_extractor(state)
+  return state if state.extractor_frozen else state.replace(extractor_frozen=True)
+
+
 def _copy(tree: PyTree) -> PyTree:
   # Distinct buffers: a donated state must not hold one buffer twice.
   return jax.tree.map(jnp.copy, tree)

@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mln_jax import augment, config as config_lib, file_lists, labels as labels_lib, steps, train
 from mln_jax import writers
-from mln_jax.train_state import TrainState, freeze_extractor, set_learning_rate
+from mln_jax.train_state import TrainState, begin_phase2, freeze_extractor, set_learning_rate
 
 if TYPE_CHECKING:
   from mln_jax import input_pipeline
@@ -120,10 +120,12 @@ def _load_pretrained(config: ml_collections.ConfigDict, state: TrainState) -> Tr
   variables, skipped = pretrained.load_pretrained_resnet(config.model.pretrained, state.variables)
   logging.info("Loaded %s%s.", config.model.pretrained,
                f" (kept this model's own {', '.join(skipped)})" if skipped else "")
-  # The extractor starts as a copy of the classifier, as create_train_state makes it.
+  # The extractor starts as a copy of the classifier, as create_train_state makes it; it is frozen
+  # (and marked so) only when the warm-up ends.
   return freeze_extractor(state.replace(params=variables["params"],
                                         batch_stats=variables["batch_stats"],
-                                        opt_state=state.tx.init(variables["params"])))
+                                        opt_state=state.tx.init(variables["params"]))
+                          ).replace(extractor_frozen=False)
 
 
 class Preempted(RuntimeError):
@@ -239,10 +241,8 @@ def _train_and_evaluate_stream(config: ml_collections.ConfigDict, workdir: str, 
     epoch, start_step = progress["epoch"], progress["step"]
     phase2 = metalabelnet and epoch >= config.warmup_epochs
     phase = "metalabelnet" if phase2 else ("warm-up" if metalabelnet else "cross-entropy")
-    if phase2 and epoch == config.warmup_epochs and start_step == 0:
-      state = freeze_extractor(state)
-    elif phase2 and not state.extractor_frozen:  # resumed in phase 2: the extractor was restored
-      state = state.replace(extractor_frozen=True)
+    if phase2:
+      state = begin_phase2(state, at_warmup_end=epoch == config.warmup_epochs and start_step == 0)
     lr = config_lib.learning_rate_at(config, epoch)
     state = state.replace(opt_state=set_learning_rate(state.opt_state, lr))
     indices = everything if phase2 else labelled
