@@ -26,6 +26,9 @@ import statistics
 import sys
 from typing import Any, Sequence
 
+from mln_jax import methods as methods_lib
+from mln_jax.config import default_config
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import figures  # noqa: E402
 from record import mean_std  # noqa: E402
@@ -80,6 +83,15 @@ def collect(ablation: str, folders: Sequence[pathlib.Path]
   return cells
 
 
+def ordered_methods(present: set[str]) -> list[str]:
+  """The methods of the runs, the ablated one (the default config's method) first, then in the
+  registry's order."""
+  main = default_config().method
+  order = list(methods_lib.names())
+  rank = lambda m: (m != main, order.index(m) if m in order else len(order), m)
+  return sorted(present, key=rank)
+
+
 def assemble(ablation: str, folders: Sequence[pathlib.Path], command: str,
              out: pathlib.Path = RESULTS) -> pathlib.Path:
   key, _, label, paper = ABLATIONS[ablation]
@@ -89,7 +101,7 @@ def assemble(ablation: str, folders: Sequence[pathlib.Path], command: str,
   runs = [r for rs in cells.values() for r in rs]
   first = runs[0]
   config = first["config"]
-  methods = sorted({m for m, _ in cells}, reverse=True)  # metalabelnet first
+  methods = ordered_methods({m for m, _ in cells})
   values = sorted({v for _, v in cells})
   lines = [
       f"# Ablation: {label} ({first['dataset']}, {config['noise']['kind']} noise "

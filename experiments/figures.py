@@ -37,9 +37,21 @@ def _band(axis: Any, x: np.ndarray, mean: np.ndarray, std: np.ndarray, label: st
 
 
 def warmup_epochs_of(runs: Sequence[Results]) -> int | None:
-  """How many warm-up epochs a MetaLabelNet run had (from its history); None for cross-entropy."""
-  counts = {sum(r["phase"] == "warm-up" for r in run["history"]) for run in runs}
-  return counts.pop() if len(counts) == 1 and 0 not in counts else None  # None also for no runs
+  """How many epochs the first phase of the runs' method had (MetaLabelNet's warm-up); None for a
+  method of one phase, runs that disagree, or no runs."""
+  def first_phase_length(run: Results) -> int | None:
+    phases = [r["phase"] for r in run["history"]]
+    changes = [i for i, phase in enumerate(phases) if phase != phases[0]]
+    return changes[0] if changes else None
+
+  counts = {first_phase_length(run) for run in runs}
+  return counts.pop() if len(counts) == 1 else None
+
+
+def has_soft_labels(runs: Sequence[Results]) -> bool:
+  """Whether the runs recorded soft-label statistics per epoch (a method with soft labels)."""
+  return bool(runs) and all(any("soft_labels/clean_agreement" in r for r in run["history"])
+                            for run in runs)
 
 
 def accuracy_curves(runs_by_method: dict[str, Sequence[Results]], warmup_epochs: int | None,
@@ -78,12 +90,17 @@ def soft_label_stability(runs: Sequence[Results], path: pathlib.Path, title: str
 
 def setting_figures(runs_by_method: dict[str, Sequence[Results]], folder: pathlib.Path, name: str,
                     title: str) -> None:
-  """Both per-setting figures: `<name>_accuracy.png` (all methods) and, for MetaLabelNet,
-  `<name>_soft_labels.png`."""
-  warmup = warmup_epochs_of(runs_by_method.get("metalabelnet", []))
-  accuracy_curves(runs_by_method, warmup, folder / f"{name}_accuracy.png", title)
-  if "metalabelnet" in runs_by_method:
-    soft_label_stability(runs_by_method["metalabelnet"], folder / f"{name}_soft_labels.png", title)
+  """The per-setting figures: `<name>_accuracy.png` (all methods, the first method of several
+  phases marks its first phase's end) and, for each method with soft labels,
+  `<name>_soft_labels.png` (`<name>_<method>_soft_labels.png` where several methods have them)."""
+  warmups = [w for w in map(warmup_epochs_of, runs_by_method.values()) if w is not None]
+  accuracy_curves(runs_by_method, warmups[0] if warmups else None,
+                  folder / f"{name}_accuracy.png", title)
+  with_soft_labels = [m for m, runs in runs_by_method.items() if has_soft_labels(runs)]
+  for method in with_soft_labels:
+    file = (f"{name}_soft_labels.png" if len(with_soft_labels) == 1
+            else f"{name}_{method}_soft_labels.png")
+    soft_label_stability(runs_by_method[method], folder / file, f"{title}, {method}")
 
 
 def ablation_curve(values: Sequence[float], best: Sequence[Sequence[float]],

@@ -8,7 +8,8 @@ With `--streamed_config` (Clothing1M, WebVision), the warm-up and meta steps of 
 image size, classes and batch size are timed on synthetic uint8 batches already on the device (the
 input pipeline is not part of the figure), as the streamed loop calls them.
 
-Throughput is measured on whole epochs of the training loop (`train.make_train_epoch`) over synthetic
+Every phase step of every registered method (`mln_jax.methods`) is timed, each step once.
+Throughput is measured on whole epochs of the training loop (`in_memory.make_train_epoch`) over synthetic
 CIFAR-shaped uint8 data already on the device, after a first (compiling) call; the reported figure is
 the median of `--repeats` timed epochs. The project's speed targets (one H100, batch 128) are printed
 beside the numbers; they are not asserted anywhere.
@@ -29,8 +30,10 @@ from ml_collections import config_flags
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mln_jax import config as config_lib, file_lists, steps, train, train_stream
-from mln_jax.train_state import freeze_extractor
+from mln_jax import config as config_lib, experiment, file_lists, in_memory, methods, streamed
+from mln_jax.methods import Method, Phase
+from mln_jax.runtime import git_commit, make_mesh, replicate, write_json_atomically
+from mln_jax.train_state import TrainState, state_from_config
 
 TARGETS = {  # images/s or seconds, one H100, batch 128, float32
     "meta_step_images_per_s": 40_000,
@@ -59,37 +62,45 @@ def _peak_memory_bytes() -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
-def measure_epoch(config: ml_collections.ConfigDict, kind: str, num_steps: int, repeats: int,
-                  num_runs: int | None = None) -> dict[str, float]:
-  """Images/s of whole training epochs of `kind` over device-resident synthetic data; with
+def _phase_state(config: ml_collections.ConfigDict, method: Method, phase: Phase,
+                 image_shape: tuple[int, ...], num_classes: int, num_train: int, key: jax.Array
+                 ) -> TrainState:
+  """A fresh state as `phase` runs on it (entered: MetaLabelNet's extractor frozen)."""
+  state = method.init_state(state_from_config(config, image_shape, num_classes, key), num_train)
+  return phase.enter(state, True)
+
+
+def measure_epoch(config: ml_collections.ConfigDict, method: Method, phase: Phase, num_steps: int,
+                  repeats: int, num_runs: int | None = None) -> dict[str, float]:
+  """Images/s of whole training epochs of `phase` over device-resident synthetic data; with
   `num_runs`, that many independent runs in one vmapped program (aggregate images/s)."""
-  mesh = train.make_mesh()
+  mesh = make_mesh()
   rng = np.random.default_rng(0)
   num = num_steps * config.batch_size
-  put = lambda x: train.replicate(mesh, x)
+  put = lambda x: replicate(mesh, x)
   per_run = (lambda x: np.stack([x] * num_runs)) if num_runs else (lambda x: x)
   images = rng.integers(0, 256, (num, 32, 32, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, num).astype(np.int32)
   num_meta = max(config.batch_size, 1000)
-  data = (put(images), put(per_run(labels)), put(per_run(np.arange(num, dtype=np.int32))))
-  if kind == "metalabelnet":
+  data = (put(images), put(per_run(labels)))
+  if phase.uses_meta:
     data += (put(per_run(images[:num_meta])), put(per_run(labels[:num_meta])))
-  model = train.build_model(config, 10)
-  make_state = lambda key: freeze_extractor(train.new_state(config, model, (32, 32, 3), 10, key))
+  indices = put(per_run(np.arange(num, dtype=np.int32)))
+  make_state = lambda key: _phase_state(config, method, phase, (32, 32, 3), 10, num, key)
   keys = jax.random.split(jax.random.PRNGKey(0), num_runs or 1)
   state = put(jax.vmap(make_state)(keys) if num_runs else make_state(keys[0]))
-  epoch = train.make_train_epoch(config, mesh, kind, num_runs)
+  epoch = in_memory.make_train_epoch(config, mesh, phase, num_runs)
   epoch_key = lambda i: (jax.random.split(jax.random.PRNGKey(i), num_runs) if num_runs
                          else jax.random.PRNGKey(i))
 
   start = time.perf_counter()
-  state, metrics = epoch(state, *data, epoch_key(1))
+  state, metrics = epoch(state, data, indices, epoch_key(1))
   jax.block_until_ready(metrics)
   first = time.perf_counter() - start
   times = []
   for repeat in range(repeats):
     start = time.perf_counter()
-    state, metrics = epoch(state, *data, epoch_key(2 + repeat))
+    state, metrics = epoch(state, data, indices, epoch_key(2 + repeat))
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   steady = statistics.median(times)
@@ -97,17 +108,53 @@ def measure_epoch(config: ml_collections.ConfigDict, kind: str, num_steps: int, 
           "compile_and_first_epoch_overhead_s": max(first - steady, 0.0)}
 
 
-def step_flops(config: ml_collections.ConfigDict, kind: str) -> float | None:
-  """FLOPs of one step as XLA counts them for this device's compiled program (None if unknown)."""
-  model = train.build_model(config, 10)
-  state = freeze_extractor(train.new_state(config, model, (32, 32, 3), 10, jax.random.PRNGKey(0)))
+def step_flops(config: ml_collections.ConfigDict, method: Method, phase: Phase) -> float | None:
+  """FLOPs of one step of `phase` as XLA counts them for this device's compiled program (None if
+  unknown)."""
+  state = _phase_state(config, method, phase, (32, 32, 3), 10, config.batch_size,
+                       jax.random.PRNGKey(0))
   batch = {"image": jax.ShapeDtypeStruct((config.batch_size, 32, 32, 3), np.float32),
-           "label": jax.ShapeDtypeStruct((config.batch_size,), np.int32)}
-  step, args = ((steps.warmup_step, (state, batch)) if kind == "cross_entropy"
-                else (steps.meta_step, (state, batch, batch)))
-  analysis = jax.jit(step).lower(*args).compile().cost_analysis()
+           "label": jax.ShapeDtypeStruct((config.batch_size,), np.int32),
+           "index": jax.ShapeDtypeStruct((config.batch_size,), np.int32)}
+  args = (state, batch, batch) if phase.uses_meta else (state, batch)
+  analysis = jax.jit(phase.step).lower(*args).compile().cost_analysis()
   analysis = analysis[0] if isinstance(analysis, list) else analysis
   return (analysis or {}).get("flops")
+
+
+def measured_phases(config: ml_collections.ConfigDict) -> list[tuple[Method, Phase]]:
+  """Every registered method's phases, each step once (MetaLabelNet's warm-up is cross-entropy's
+  step): what the benchmark times."""
+  seen, phases = set(), []
+  for name in methods.names():
+    method = methods.get(_with_method(config, name))
+    for phase in method.phases:
+      if phase.step not in seen:
+        seen.add(phase.step)
+        phases.append((method, phase))
+  return phases
+
+
+def _cases(config: ml_collections.ConfigDict, meta_gradients: Sequence[str]
+           ) -> list[tuple[str, ml_collections.ConfigDict, Method, Phase]]:
+  """(row name, config, method, phase) per measurement; phases with meta batches once per meta
+  gradient (config.mln.meta_gradient)."""
+  cases = []
+  for method, phase in measured_phases(config):
+    for meta_gradient in (meta_gradients if phase.uses_meta else [None]):
+      case_config = config.copy_and_resolve_references()
+      name = f"{method.name}/{phase.name}"
+      if meta_gradient:
+        case_config.mln.meta_gradient = meta_gradient
+        name += f"/{meta_gradient}"
+      cases.append((name, case_config, method, phase))
+  return cases
+
+
+def _with_method(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  config = config.copy_and_resolve_references()
+  config.method = name
+  return config
 
 
 def _streamed_num_classes(config: ml_collections.ConfigDict) -> int:
@@ -118,38 +165,38 @@ def _streamed_num_classes(config: ml_collections.ConfigDict) -> int:
   return config.data.num_classes
 
 
-def measure_streamed_steps(config: ml_collections.ConfigDict, kind: str, num_steps: int,
-                           repeats: int) -> dict[str, Any]:
-  """Images/s of the streamed loop's jitted warm-up or meta step (`train_stream.make_steps`) on
+def measure_streamed_steps(config: ml_collections.ConfigDict, method: Method, phase: Phase,
+                           num_steps: int, repeats: int) -> dict[str, Any]:
+  """Images/s of the streamed loop's jitted step of `phase` (`streamed.make_train_step`) on
   synthetic uint8 batches of the config's shapes, sharded over the devices, with its compile time
-  and XLA's FLOP count. The meta step is the one the loop runs by default: its meta batch comes
-  from a meta set in device memory (`data.meta_in_memory`)."""
-  mesh = train.make_mesh()
+  and XLA's FLOP count. A phase with meta batches takes them as the loop does by default: from a
+  meta set in device memory (`data.meta_in_memory`)."""
+  mesh = make_mesh()
   num_classes = _streamed_num_classes(config)
   size = config.data.image_size
   sharded = NamedSharding(mesh, P("data"))
   rng = np.random.default_rng(0)
 
-  def batch():
+  def batch(i):
     return jax.device_put(
         {"image": rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8),
-         "label": rng.integers(0, num_classes, config.batch_size).astype(np.int32)}, sharded)
+         "label": rng.integers(0, num_classes, config.batch_size).astype(np.int32),
+         "index": np.arange(i * config.batch_size, (i + 1) * config.batch_size, dtype=np.int32)},
+        sharded)
 
-  batches = [batch() for _ in range(2)]  # used in turn
+  batches = [batch(i) for i in range(2)]  # used in turn
   num_meta = 4 * config.batch_size
-  meta_images = train.replicate(mesh, rng.integers(0, 256, (num_meta, size, size, 3), np.uint8))
-  meta_labels = train.replicate(mesh, rng.integers(0, num_classes, num_meta).astype(np.int32))
-  meta_order = train.replicate(mesh, rng.integers(0, num_meta, (2, config.batch_size)))
-  meta_flips = train.replicate(mesh, rng.random((2, config.batch_size)) < 0.5)
-  model = train.build_model(config, num_classes)
-  state = train.replicate(mesh, freeze_extractor(train.new_state(
-      config, model, (size, size, 3), num_classes, jax.random.PRNGKey(0))))
-  step_fns = train_stream.make_steps(num_classes, mesh)
-  if kind == "cross_entropy":
-    step_fn, args = step_fns.warmup, lambda i: (batches[i % 2],)
+  meta_images = replicate(mesh, rng.integers(0, 256, (num_meta, size, size, 3), np.uint8))
+  meta_labels = replicate(mesh, rng.integers(0, num_classes, num_meta).astype(np.int32))
+  meta_order = replicate(mesh, rng.integers(0, num_meta, (2, config.batch_size)).astype(np.int32))
+  meta_flips = replicate(mesh, rng.random((2, config.batch_size)) < 0.5)
+  state = replicate(mesh, _phase_state(config, method, phase, (size, size, 3), num_classes,
+                                       2 * config.batch_size, jax.random.PRNGKey(0)))
+  step_fn = streamed.make_train_step(phase, mesh, meta_in_memory=True)
+  if phase.uses_meta:
+    args = lambda i: (batches[i % 2], meta_images, meta_labels, meta_order, meta_flips, i % 2)
   else:
-    step_fn, args = step_fns.meta_from_memory, lambda i: (
-        batches[i % 2], meta_images, meta_labels, meta_order, meta_flips, i % 2)
+    args = lambda i: (batches[i % 2],)
   start = time.perf_counter()
   compiled = step_fn.lower(state, *args(0)).compile()
   compile_s = time.perf_counter() - start
@@ -177,7 +224,7 @@ def measure_cifar10_epochs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   short = config.copy_and_resolve_references()
   short.num_epochs, short.warmup_epochs = 4, 2
   with tempfile.TemporaryDirectory() as workdir:
-    history = train.train_and_evaluate(short, workdir)["history"]
+    history = experiment.train_and_evaluate(short, workdir)["history"]
   # Epochs 0 and 2 include compilation; 1 and 3 are steady state.
   phase1, phase2 = history[1]["epoch_time_s"], history[3]["epoch_time_s"]
   compile_s = (history[0]["epoch_time_s"] - phase1) + (history[2]["epoch_time_s"] - phase2)
@@ -218,7 +265,7 @@ def run_benchmark(batch_sizes: Sequence[int], num_steps: int, repeats: int,
       "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
       "backend": jax.default_backend(), "jax_version": jax.__version__,
       "compute_dtype": compute_dtype,
-      "commit": train._git_commit(), "date": datetime.date.today().isoformat(),
+      "commit": git_commit(), "date": datetime.date.today().isoformat(),
       "steps_per_epoch": num_steps, "measurements": [],
   }
   if streamed_config is not None:
@@ -228,23 +275,17 @@ def run_benchmark(batch_sizes: Sequence[int], num_steps: int, repeats: int,
   for batch_size in batch_sizes:
     config = base.copy_and_resolve_references()
     config.batch_size = batch_size
-    row = {"kind": "warmup", "batch_size": batch_size,
-           **measure_epoch(config, "cross_entropy", num_steps, repeats)}
-    _add_utilisation(row, step_flops(config, "cross_entropy"))
-    _record(report, row, on_progress)
-    for method in meta_gradients:
-      config.mln.meta_gradient = method
-      row = {"kind": f"meta/{method}", "batch_size": batch_size,
-             **measure_epoch(config, "metalabelnet", num_steps, repeats)}
-      _add_utilisation(row, step_flops(config, "metalabelnet"))
+    for name, case_config, method, phase in _cases(config, meta_gradients):
+      row = {"kind": name, "batch_size": batch_size,
+             **measure_epoch(case_config, method, phase, num_steps, repeats)}
+      _add_utilisation(row, step_flops(case_config, method, phase))
       _record(report, row, on_progress)
   if concurrent_runs:
     config = base.copy_and_resolve_references()
     config.batch_size = batch_sizes[0]
-    config.mln.meta_gradient = meta_gradients[0]
-    for kind, name in (("cross_entropy", "warmup"), ("metalabelnet", f"meta/{meta_gradients[0]}")):
+    for name, case_config, method, phase in _cases(config, meta_gradients[:1]):
       row = {"kind": f"{name} x{concurrent_runs} runs", "batch_size": config.batch_size,
-             **measure_epoch(config, kind, num_steps, repeats, concurrent_runs)}
+             **measure_epoch(case_config, method, phase, num_steps, repeats, concurrent_runs)}
       _record(report, row, on_progress)
   report["peak_memory_bytes"] = _peak_memory_bytes()
   if data_dir:
@@ -265,13 +306,9 @@ def _run_streamed_benchmark(report: dict[str, Any], streamed_config: ml_collecti
   for batch_size in batch_sizes or [streamed_config.batch_size]:
     config = streamed_config.copy_and_resolve_references()
     config.batch_size, config.compute_dtype = batch_size, compute_dtype
-    cases = [("warmup", "cross_entropy", None)] + [
-        (f"meta/{method}", "metalabelnet", method) for method in meta_gradients]
-    for name, kind, method in cases:
-      if method:
-        config.mln.meta_gradient = method
+    for name, case_config, method, phase in _cases(config, meta_gradients):
       row = {"kind": name, "batch_size": batch_size,
-             **measure_streamed_steps(config, kind, num_steps, repeats)}
+             **measure_streamed_steps(case_config, method, phase, num_steps, repeats)}
       _add_utilisation(row, row.pop("flops_per_step"))
       _record(report, row, on_progress)
   report["peak_memory_bytes"] = _peak_memory_bytes()
@@ -307,7 +344,7 @@ def main(argv: list[str]) -> None:
     batch_sizes = []  # the config's own
   def write(report: dict[str, Any], complete: bool = False) -> None:
     if FLAGS.out:
-      train.write_json_atomically(FLAGS.out, {**report, "complete": complete})
+      write_json_atomically(FLAGS.out, {**report, "complete": complete})
 
   report = run_benchmark(batch_sizes, FLAGS.steps, FLAGS.repeats, FLAGS.meta_gradients,
                          FLAGS.model, FLAGS.data_dir, FLAGS.concurrent_runs, FLAGS.compute_dtype,

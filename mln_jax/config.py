@@ -12,9 +12,8 @@ import ml_collections
 
 from mln_jax.noise import NOISE_KINDS
 
-METHODS = ("metalabelnet", "cross_entropy", "both")
 IN_MEMORY_DATASETS = ("cifar10", "digits")
-# Too large for device memory: streamed from disk by tf.data (mln_jax.train_stream).
+# Too large for device memory: streamed from disk by tf.data (mln_jax.streamed).
 STREAMED_DATASETS = ("clothing1m", "webvision", "image_folder")
 
 
@@ -22,8 +21,9 @@ def default_config() -> ml_collections.ConfigDict:
   """The paper's CIFAR-10 protocol (SPEC, Section IV-B) on the shared pack."""
   config = ml_collections.ConfigDict()
   config.seed = 0
-  # 'metalabelnet': warm-up then phase 2; 'cross_entropy': cross-entropy for all epochs (the baseline
-  # row); 'both': each in its own sub-folder of the workdir, then a comparison.
+  # A method of the registry (mln_jax/methods: 'metalabelnet', warm-up then phase 2; 'cross_entropy',
+  # for all epochs, the baseline row), a comma-separated list of them, 'both' (those two) or 'all':
+  # several train one after another, each in its own sub-folder of the workdir, then a comparison.
   config.method = "metalabelnet"
   # Independent runs with seeds seed, seed + 1, ... trained together in one vmapped program (each
   # with its own split, noise, initialisation and data order); results per run in workdir/run_<i>.
@@ -171,9 +171,9 @@ def _require(condition: bool, message: str) -> None:
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the offending key for unknown keys or impossible values."""
+  """Raises ValueError naming the offending key for unknown keys or impossible values (a method's
+  own settings are checked by the method, `mln_jax.methods.get`)."""
   _check_keys(config, default_config())
-  _require(config.method in METHODS, f"config.method={config.method!r}: choose one of {METHODS}.")
   _require(config.noise.kind in NOISE_KINDS,
            f"config.noise.kind={config.noise.kind!r}: choose one of {NOISE_KINDS}.")
   _require(0.0 <= config.noise.rate <= 1.0,
@@ -183,11 +183,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(config.eval_batch_size > 0,
            f"config.eval_batch_size={config.eval_batch_size} must be positive.")
   _require(config.num_epochs > 0, f"config.num_epochs={config.num_epochs} must be positive.")
-  # MetaLabelNet needs a warm-up (its extractor) and at least one phase-2 epoch.
-  if config.method != "cross_entropy":
-    _require(0 < config.warmup_epochs < config.num_epochs,
-             f"config.warmup_epochs={config.warmup_epochs} must lie in [1, num_epochs - 1 = "
-             f"{config.num_epochs - 1}] for MetaLabelNet.")
   _require(config.mln.meta_gradient in ("autodiff", "jvp"),
            f"config.mln.meta_gradient={config.mln.meta_gradient!r}: choose 'autodiff' or 'jvp'.")
   _require(config.epoch_loop in ("auto", "scan", "host"),

@@ -373,21 +373,6 @@ def split_meta_test(images: np.ndarray, labels: np.ndarray, num_meta: int,
   return images[is_meta], labels[is_meta], images[~is_meta], labels[~is_meta]
 
 
-def choose_unlabelled(num_train: int, num_unlabelled: int, seed: int) -> np.ndarray:
-  """Returns the sorted indices of the `num_unlabelled` training samples whose labels are dropped.
-
-  Args:
-    num_train: number of training samples N.
-    num_unlabelled: how many lose their label, in [0, N - 1] (at least one stays labelled).
-    seed: seed of the choice.
-  """
-  if not 0 <= num_unlabelled < num_train:
-    raise ValueError(f'num_unlabelled must be in [0, {num_train - 1}] for {num_train} training '
-                     f'samples, got {num_unlabelled}')
-  rng = np.random.default_rng(seed)
-  return np.sort(rng.choice(num_train, num_unlabelled, replace=False)).astype(np.int64)
-
-
 # ----------------------------------------------------------------------------------------------
 # Dispatch on the config.
 

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from mln_jax import data as data_lib
+from mln_jax import dataset as dataset_lib
+from mln_jax.dataset import Dataset
 
 CLOTHING1M_CLASSES = 14
 _CLOTHING1M_FILES = ("noisy_label_kv.txt", "clean_label_kv.txt", "noisy_train_key_list.txt",
@@ -54,16 +55,15 @@ class ImageList:
     return ImageList(self.files[indices], self.labels[indices])
 
 
-@dataclasses.dataclass(frozen=True)
-class StreamedDataset:
-  """A noisy training list, a clean meta list and one or more clean test lists."""
-  name: str
-  num_classes: int
-  train: ImageList
-  meta: ImageList
-  tests: dict[str, ImageList]  # e.g. {'test': ..., 'imagenet_val': ...}; 'test' selects models
-  clean_train_labels: np.ndarray | None = None  # where known (−1 elsewhere), for label-issue reports
-  class_names: tuple[str, ...] = ()  # label i's name where the layout gives names
+def _dataset(name: str, num_classes: int, class_names: tuple[str, ...], train: ImageList,
+             meta: ImageList, tests: dict[str, ImageList],
+             clean_train_labels: np.ndarray | None = None) -> Dataset:
+  """A layout's lists as a `Dataset`: the datasets' own labels are the (really) noisy ones, whose
+  rate is known only where a training image also has a clean label (Clothing1M's ~37k)."""
+  clean = (np.full(len(train), -1, np.int32) if clean_train_labels is None
+           else clean_train_labels)
+  return Dataset(name, num_classes, class_names, train, meta, tests, clean,
+                 dataset_lib.noise_summary("real", None, train.labels, clean))
 
 
 def _layout_error(path: pathlib.Path, dataset: str, expected: str) -> FileNotFoundError:
@@ -117,7 +117,7 @@ def _absolute(root: pathlib.Path, relative: list[str]) -> np.ndarray:
   return np.asarray([str(root / name) for name in relative])
 
 
-def clothing1m(data_dir: str | os.PathLike[str]) -> StreamedDataset:
+def clothing1m(data_dir: str | os.PathLike[str]) -> Dataset:
   """Clothing1M: the 1M noisy training images, the clean validation set (meta) and clean test set.
 
   The 50k clean training images are not used (SPEC). Clean labels of noisy training images that also
@@ -149,12 +149,11 @@ def clothing1m(data_dir: str | os.PathLike[str]) -> StreamedDataset:
   class_names = tuple(_read_keys(names)) if names.is_file() else ()
   train_keys = _read_keys(root / "noisy_train_key_list.txt")
   train = listed("noisy_train_key_list.txt", noisy, "noisy_label_kv.txt", train_keys)
-  return StreamedDataset(
-      name="clothing1m", num_classes=CLOTHING1M_CLASSES, train=train,
-      meta=listed("clean_val_key_list.txt", clean, "clean_label_kv.txt"),
-      tests={"test": listed("clean_test_key_list.txt", clean, "clean_label_kv.txt")},
-      clean_train_labels=np.asarray([clean.get(k, -1) for k in train_keys], np.int32),
-      class_names=class_names if len(class_names) == CLOTHING1M_CLASSES else ())
+  return _dataset(
+      "clothing1m", CLOTHING1M_CLASSES, class_names if len(class_names) == CLOTHING1M_CLASSES else (),
+      train, listed("clean_val_key_list.txt", clean, "clean_label_kv.txt"),
+      {"test": listed("clean_test_key_list.txt", clean, "clean_label_kv.txt")},
+      clean_train_labels=np.asarray([clean.get(k, -1) for k in train_keys], np.int32))
 
 
 def _webvision_synsets(root: pathlib.Path, num_classes: int) -> list[str]:
@@ -168,7 +167,7 @@ def _webvision_synsets(root: pathlib.Path, num_classes: int) -> list[str]:
 
 
 def webvision(data_dir: str | os.PathLike[str], num_classes: int, num_meta: int, seed: int,
-              imagenet_val_dir: str = "") -> StreamedDataset:
+              imagenet_val_dir: str = "") -> Dataset:
   """WebVision 1.0, Google images of the first `num_classes` classes (the paper: 50).
 
   The verified validation images of those classes (2.5k for 50) are split by `seed` into `num_meta`
@@ -207,9 +206,8 @@ def webvision(data_dir: str | os.PathLike[str], num_classes: int, num_meta: int,
              or (root / "info" / "synsets.txt").is_file() else [])
   if imagenet_val_dir:
     tests["imagenet_val"] = _class_folders(pathlib.Path(imagenet_val_dir), synsets)
-  return StreamedDataset(name="webvision", num_classes=num_classes, train=train,
-                         meta=val.subset(np.sort(order[:num_meta])), tests=tests,
-                         class_names=tuple(synsets))
+  return _dataset("webvision", num_classes, tuple(synsets), train,
+                  val.subset(np.sort(order[:num_meta])), tests)
 
 
 def _class_folders(root: pathlib.Path, classes: list[str]) -> ImageList:
@@ -231,7 +229,7 @@ def _class_folders(root: pathlib.Path, classes: list[str]) -> ImageList:
   return result
 
 
-def image_folder(data_dir: str | os.PathLike[str], train_list: str = "") -> StreamedDataset:
+def image_folder(data_dir: str | os.PathLike[str], train_list: str = "") -> Dataset:
   """Your own dataset: `train/<class>/…` (or a `train_list` of `path <label>` lines, paths relative to
   `data_dir`) with noisy labels, and clean `meta/<class>/…` and `test/<class>/…`.
 
@@ -268,13 +266,11 @@ def image_folder(data_dir: str | os.PathLike[str], train_list: str = "") -> Stre
       raise ValueError(f"{train_dir} has class folders {train_classes}, {meta_dir} has {classes}: "
                        "they must be the same.")
     train = _class_folders(train_dir, classes)
-  return StreamedDataset(name="image_folder", num_classes=len(classes), train=train,
-                         meta=_class_folders(meta_dir, classes),
-                         tests={"test": _class_folders(root / "test", classes)},
-                         class_names=tuple(classes))
+  return _dataset("image_folder", len(classes), tuple(classes), train,
+                  _class_folders(meta_dir, classes), {"test": _class_folders(root / "test", classes)})
 
 
-def load(data_config: Any, seed: int) -> StreamedDataset:
+def load(data_config: Any, seed: int) -> Dataset:
   """The streamed dataset `data_config.name` names, with `num_meta` and `num_unlabelled` applied.
 
   `num_meta` (0: all) draws a meta subset by `seed` (the paper's Table IV); `num_unlabelled` drops the
@@ -300,12 +296,7 @@ def load(data_config: Any, seed: int) -> StreamedDataset:
                        f"images of {dataset.name}.")
     meta = meta.subset(np.sort(np.random.default_rng(seed).permutation(len(meta))
                                [:data_config.num_meta]))
-  train = dataset.train
-  if data_config.num_unlabelled:
-    if data_config.num_unlabelled >= len(train):
-      raise ValueError(f"config.data.num_unlabelled={data_config.num_unlabelled} leaves no labelled "
-                       f"training image (there are {len(train)}).")
-    labels = train.labels.copy()
-    labels[data_lib.choose_unlabelled(len(labels), data_config.num_unlabelled, seed)] = -1
-    train = ImageList(train.files, labels)
-  return dataclasses.replace(dataset, train=train, meta=meta)
+  train = ImageList(dataset.train.files, dataset_lib.drop_labels(
+      dataset.train.labels, data_config.num_unlabelled, seed))
+  return dataclasses.replace(dataset, train=train, meta=meta, noise=dataset_lib.noise_summary(
+      "real", None, train.labels, dataset.clean_train_labels))

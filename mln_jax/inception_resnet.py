@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mln_jax import models
+from mln_jax import layers
 
 # The smallest input side every valid (unpadded) convolution and pool can take: Mixed_7a's stride-2
 # 3x3 needs a 3x3 grid, so Mixed_6a needs 7, maxpool_5a 15, conv2d_4a 17, maxpool_3a 35, conv2d_2a 37
@@ -56,9 +56,9 @@ class BasicConv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = nn.Conv(self.features, self.kernel_size, strides=self.strides, padding=self.padding,
-                use_bias=False, kernel_init=models._kaiming_normal_fan_out, dtype=self.dtype,
+                use_bias=False, kernel_init=layers.kaiming_normal_fan_out, dtype=self.dtype,
                 name="conv")(x)
-    x = models.BatchNorm(use_running_average=not train, epsilon=1e-3, dtype=self.dtype, name="bn")(x)
+    x = layers.BatchNorm(use_running_average=not train, epsilon=1e-3, dtype=self.dtype, name="bn")(x)
     return nn.relu(x)
 
 
@@ -83,8 +83,8 @@ class InceptionResNetBlock(nn.Module):
                       name=f"branch{i}_{j}")(y, train)
       outputs.append(y)
     mixed = jnp.concatenate(outputs, axis=-1)
-    up = nn.Conv(x.shape[-1], (1, 1), kernel_init=models._kaiming_normal_fan_out,
-                 bias_init=models._torch_bias_init(mixed.shape[-1]), dtype=self.dtype,
+    up = nn.Conv(x.shape[-1], (1, 1), kernel_init=layers.kaiming_normal_fan_out,
+                 bias_init=layers.torch_bias_init(mixed.shape[-1]), dtype=self.dtype,
                  name="conv2d")(mixed)
     x = x + self.scale * up
     return nn.relu(x) if self.relu else x
@@ -205,8 +205,8 @@ class InceptionResNetV2(nn.Module):
     x = conv(w(1536), (1, 1), name="conv2d_7b")(x, train)
 
     features = jnp.mean(x, axis=(1, 2))
-    logits = nn.Dense(self.num_classes, kernel_init=models._torch_linear_kernel,
-                      bias_init=models._torch_bias_init(features.shape[-1]), dtype=self.dtype,
+    logits = nn.Dense(self.num_classes, kernel_init=layers.torch_linear_kernel,
+                      bias_init=layers.torch_bias_init(features.shape[-1]), dtype=self.dtype,
                       name="classifier")(features)
     # Losses, soft labels and MetaLabelNet work in (at least) float32 whatever the compute dtype.
-    return models._at_least_float32(logits), models._at_least_float32(features)
+    return layers.at_least_float32(logits), layers.at_least_float32(features)

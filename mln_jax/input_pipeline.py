@@ -174,11 +174,12 @@ def train_batches(images: ImageList, indices: np.ndarray, batch_size: int, prep:
                   seed: int, epoch: int, start_step: int = 0) -> Stream:
   """One epoch over `images[indices]` in `(seed, epoch)`'s order, from step `start_step` on.
 
-  `batch_size` is global; each process yields its part of every batch (`image` uint8, `label`).
+  `batch_size` is global; each process yields its part of every batch (`image` uint8, `label`,
+  and the images' positions in the list as `index`).
   """
   order = indices[epoch_order(len(indices), batch_size, seed, epoch)]
   flips = _flips(order.shape, seed, epoch, _TRAIN_FLIPS, prep.hflip)
-  return _batches(images, order, flips, prep, start_step)
+  return _batches(images, order, flips, prep, start_step, extra={"index": order.astype(np.int32)})
 
 
 def meta_schedule(num_items: int, num_steps: int, batch_size: int, seed: int, epoch: int,
@@ -212,13 +213,15 @@ def decode_all(images: ImageList, prep: Preprocessing, batch_size: int = 256) ->
 
 
 def eval_batches(images: ImageList, batch_size: int, prep: Preprocessing) -> Stream:
-  """The whole list once, in order, without flips; the last batch is padded with `valid = False`."""
+  """The whole list once, in order, without flips (`index`: positions in the list); the last batch is
+  padded with `valid = False`."""
   prep = dataclasses.replace(prep, hflip=False)
   num_steps = -(-len(images) // batch_size)
   positions = np.arange(num_steps * batch_size).reshape(num_steps, batch_size)
   valid = positions < len(images)
   order = np.where(valid, positions, 0)
-  return _batches(images, order, np.zeros(order.shape, bool), prep, 0, extra={"valid": valid})
+  return _batches(images, order, np.zeros(order.shape, bool), prep, 0,
+                  extra={"valid": valid, "index": order.astype(np.int32)})
 
 
 def device_batches(stream: Stream, mesh: Mesh, prefetch: int = 2

@@ -4,7 +4,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from mln_jax import train
+from mln_jax import experiment
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and results; a run resumes there.")
@@ -25,7 +25,7 @@ def main(argv: list[str]) -> None:
     jax.distributed.initialize()  # finds the coordinator on TPU pods, SLURM and Open MPI
   logging.info("JAX %s on %d device(s) in %d process(es): %s", jax.__version__, jax.device_count(),
                jax.process_count(), jax.devices()[0].device_kind)
-  train.run(FLAGS.config, FLAGS.workdir)
+  experiment.run(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -12,75 +12,23 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-# PyTorch's defaults, which the reference implementation relies on: convolutions get Kaiming-normal
-# (fan_out, ReLU gain) kernels; linear layers and all biases are uniform in ±1/sqrt(fan_in).
-_kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-_torch_linear_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+from mln_jax import inception_resnet, layers, resnet
 
 
-def _torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
-  bound = 1.0 / fan_in**0.5
-
-  def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
-
-
-def _at_least_float32(x: jax.Array) -> jax.Array:
-  """bfloat16 -> float32; float32 and float64 (the exactness tests) unchanged."""
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-class BatchNorm(nn.Module):
-  """PyTorch's BatchNorm over all axes but the last: normalises with the batch's biased variance
-  (two-pass), while the running variance it keeps is the unbiased one; momentum 0.1, eps 1e-5.
-
-  Flax's `nn.BatchNorm` keeps the biased variance, which shifts inference-mode outputs (evaluation and
-  the frozen extractor) by a factor sqrt(n/(n−1)) at small n — 0.4% for the FC layer at batch 128.
-  Statistics are over the global batch, also when the batch is sharded over devices.
-  """
-  use_running_average: bool
-  momentum: float = 0.1
-  epsilon: float = 1e-5
-  dtype: Any = None  # of the output (None: the input's); statistics are at least float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    out_dtype = self.dtype or x.dtype
-    x = _at_least_float32(x)
-    features = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (features,))
-    bias = self.param("bias", nn.initializers.zeros, (features,))
-    running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
-    running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
-    if self.use_running_average:
-      mean, var = running_mean.value, running_var.value
-    else:
-      axes = tuple(range(x.ndim - 1))
-      mean = jnp.mean(x, axes)
-      var = jnp.mean(jnp.square(x - mean), axes)
-      if not self.is_initializing():
-        count = x.size // features
-        unbiased = var * count / max(count - 1, 1)
-        running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
-        running_var.value = (1 - self.momentum) * running_var.value + self.momentum * unbiased
-    return ((x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(out_dtype)
-
-
-def _batch_norm(train: bool, dtype: Any) -> BatchNorm:
-  return BatchNorm(use_running_average=not train, dtype=dtype)
+def _batch_norm(train: bool, dtype: Any) -> layers.BatchNorm:
+  return layers.BatchNorm(use_running_average=not train, dtype=dtype)
 
 
 def _conv(features: int, in_channels: int, dtype: Any) -> nn.Conv:
-  return nn.Conv(features, (3, 3), padding=1, kernel_init=_kaiming_normal_fan_out,
-                 bias_init=_torch_bias_init(in_channels * 9), dtype=dtype)
+  return nn.Conv(features, (3, 3), padding=1, kernel_init=layers.kaiming_normal_fan_out,
+                 bias_init=layers.torch_bias_init(in_channels * 9), dtype=dtype)
 
 
 def _dense(features: int, in_features: int, dtype: Any = None) -> nn.Dense:
-  return nn.Dense(features, kernel_init=_torch_linear_kernel, bias_init=_torch_bias_init(in_features),
-                  dtype=dtype)
+  return nn.Dense(features, kernel_init=layers.torch_linear_kernel,
+                  bias_init=layers.torch_bias_init(in_features), dtype=dtype)
 
 
 class ConvBNClassifier(nn.Module):
@@ -106,7 +54,7 @@ class ConvBNClassifier(nn.Module):
     features = nn.relu(_batch_norm(train, self.dtype)(x))
     logits = _dense(self.num_classes, self.feature_dim, self.dtype)(features)
     # Losses, soft labels and MetaLabelNet work in (at least) float32 whatever the compute dtype.
-    return _at_least_float32(logits), _at_least_float32(features)
+    return layers.at_least_float32(logits), layers.at_least_float32(features)
 
 
 CifarCNN = functools.partial(ConvBNClassifier, blocks=((64, 64), (128, 128), (196, 196)), feature_dim=256)
@@ -125,7 +73,7 @@ class MLPClassifier(nn.Module):
     for width in self.hidden:
       x = nn.relu(_dense(width, x.shape[-1], self.dtype)(x))
     logits = _dense(self.num_classes, x.shape[-1], self.dtype)(x)
-    return _at_least_float32(logits), _at_least_float32(x)
+    return layers.at_least_float32(logits), layers.at_least_float32(x)
 
 
 class MetaLabelNet(nn.Module):
@@ -147,7 +95,6 @@ MODEL_NAMES = ("cifar_cnn", "conv_bn", "mlp", "resnet50", "resnet", "inception_r
 def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
   """Builds a classifier by name (MODEL_NAMES): the paper's CIFAR CNN, a configurable conv-BN CNN, an
   MLP, ResNet-50 (Clothing1M), a ResNet of any depth, or Inception-ResNet-v2 (WebVision)."""
-  # The large models import this module (BatchNorm), so they are imported here, not at the top.
   if name == "cifar_cnn":
     return CifarCNN(num_classes=num_classes, **kwargs)
   if name == "conv_bn":
@@ -155,10 +102,21 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
   if name == "mlp":
     return MLPClassifier(num_classes=num_classes, **kwargs)
   if name in ("resnet50", "resnet"):
-    from mln_jax import resnet
     return (resnet.ResNet50 if name == "resnet50" else resnet.ResNet)(num_classes=num_classes,
                                                                       **kwargs)
   if name == "inception_resnet_v2":
-    from mln_jax import inception_resnet
     return inception_resnet.InceptionResNetV2(num_classes=num_classes, **kwargs)
   raise ValueError(f"Unknown model {name!r}: choose one of {MODEL_NAMES} (--config.model.name=...).")
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+  """The classifier `config.model` describes, computing in `config.compute_dtype`."""
+  kwargs: dict[str, Any] = {"dtype": jnp.bfloat16 if config.compute_dtype == "bfloat16" else None}
+  if config.model.name == "conv_bn":
+    kwargs.update(blocks=tuple(tuple(b) for b in config.model.blocks),
+                  feature_dim=config.model.feature_dim)
+  elif config.model.name == "mlp":
+    kwargs.update(hidden=tuple(config.model.hidden))
+  elif config.model.name == "resnet":
+    kwargs.update(stage_sizes=tuple(config.model.stage_sizes), num_filters=config.model.num_filters)
+  return create_model(config.model.name, num_classes, **kwargs)

@@ -76,7 +76,7 @@ def _flax_key(torch_key: str, value: np.ndarray) -> tuple[str, ...] | None:
   return (collection, *path, name)
 
 
-def _torch_key(flax_key: tuple[str, ...]) -> str:
+def torch_name(flax_key: tuple[str, ...]) -> str:
   """The inverse of `_flax_key`, for error messages."""
   *path, leaf = flax_key[1:]
   leaf = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}.get(
@@ -148,7 +148,7 @@ def resnet_variables_from_torch(state_dict: Mapping[str, Any], variables: Variab
     mismatched += [mismatch(k, shape, key) for k, (key, shape, value) in sorted(head.items())
                    if value.shape != targets[key]]
 
-  missing = [f"{_torch_key(path)} {_torch_shape(targets[path])}" for path in paths
+  missing = [f"{torch_name(path)} {_torch_shape(targets[path])}" for path in paths
              if path not in converted]
   # Shapes in PyTorch's layout (OIHW convs, (out, in) linears), as in the checkpoint.
   problems = [f"{title}: {', '.join(items)}" for title, items in

@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mln_jax.models import (BatchNorm, _at_least_float32, _kaiming_normal_fan_out, _torch_bias_init,
-                            _torch_linear_kernel)
+from mln_jax.layers import (BatchNorm, at_least_float32, kaiming_normal_fan_out, torch_bias_init,
+                            torch_linear_kernel)
 
 EXPANSION = 4  # A bottleneck block's output width is 4x its inner width.
 
@@ -25,7 +25,7 @@ def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.
   # torchvision's convs are bias-free (a BatchNorm follows each) and pad by kernel // 2.
   pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
-                 use_bias=False, kernel_init=_kaiming_normal_fan_out, dtype=dtype, name=name)
+                 use_bias=False, kernel_init=kaiming_normal_fan_out, dtype=dtype, name=name)
 
 
 def _batch_norm(train: bool, name: str, dtype: Any) -> BatchNorm:
@@ -79,11 +79,11 @@ class ResNet(nn.Module):
                            name=f"layer{i + 1}_{j}")
         x = block(x, train)
     features = jnp.mean(x, axis=(1, 2))
-    logits = nn.Dense(self.num_classes, kernel_init=_torch_linear_kernel,
-                      bias_init=_torch_bias_init(features.shape[-1]), dtype=self.dtype,
+    logits = nn.Dense(self.num_classes, kernel_init=torch_linear_kernel,
+                      bias_init=torch_bias_init(features.shape[-1]), dtype=self.dtype,
                       name="fc")(features)
     # Losses, soft labels and MetaLabelNet work in (at least) float32 whatever the compute dtype.
-    return _at_least_float32(logits), _at_least_float32(features)
+    return at_least_float32(logits), at_least_float32(features)
 
 
 ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))

@@ -6,7 +6,7 @@ All functions are jittable; `meta_step` is SPEC's phase-2 steps 1–7.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -46,17 +46,31 @@ def _labelled_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return hits.sum() / jnp.maximum(labelled.sum(), 1)
 
 
+def supervised_step(loss_fn: Callable[[jax.Array, jax.Array], jax.Array]
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """A pure step of SGD on `loss_fn(logits, labels)` of the batch (labels −1: unlabelled), the
+  classifier's BatchNorm statistics updated: the whole of a loss-only method."""
+  def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    def objective(params):
+      logits, batch_stats = _forward_train(state, params, batch["image"])
+      return loss_fn(logits, batch["label"]), (logits, batch_stats)
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1,
+                              params=optax.apply_updates(state.params, updates),
+                              batch_stats=batch_stats, opt_state=opt_state)
+    return new_state, {"loss": loss, "accuracy": _labelled_accuracy(logits, batch["label"])}
+  return step
+
+
+_cross_entropy_step = supervised_step(losses.cross_entropy)
+
+
 def warmup_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
   """Phase 1: one SGD step of cross-entropy on the (noisy) labels."""
-  def loss_fn(params):
-    logits, batch_stats = _forward_train(state, params, batch["image"])
-    return losses.cross_entropy(logits, batch["label"]), (logits, batch_stats)
-
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            batch_stats=batch_stats, opt_state=opt_state)
-  return new_state, {"loss": loss, "accuracy": _labelled_accuracy(logits, batch["label"])}
+  return _cross_entropy_step(state, batch)
 
 
 def soft_label_logits(state: TrainState, mln_params: Any, images: jax.Array) -> jax.Array:
@@ -69,11 +83,14 @@ def soft_label_logits(state: TrainState, mln_params: Any, images: jax.Array) -> 
   return state.mln_apply_fn({"params": mln_params}, jax.lax.stop_gradient(features))
 
 
-def _inner_update(state: TrainState, images: jax.Array, log_soft_labels: jax.Array) -> Any:
-  """SPEC step 3: θ' = θ − α ∇_θ L_c(θ, ŷ), one optax SGD update (differentiable in ŷ)."""
+def inner_update(state: TrainState, images: jax.Array,
+                 logits_loss: Callable[[jax.Array], jax.Array]) -> Any:
+  """SPEC step 3: θ' = θ − α ∇_θ L(f_θ(x)), one optax SGD update of the classifier on any loss of its
+  logits (MetaLabelNet: L_c against the soft labels; a reweighting method: a weighted
+  cross-entropy). Differentiable in whatever `logits_loss` closes over."""
   def classification_loss(params):
     logits, _ = _forward_train(state, params, images)
-    return losses.soft_label_kl(logits, log_soft_labels)
+    return logits_loss(logits)
 
   grads = jax.grad(classification_loss)(state.params)
   inner_tx = optax.sgd(state.inner_lr)
@@ -81,37 +98,44 @@ def _inner_update(state: TrainState, images: jax.Array, log_soft_labels: jax.Arr
   return optax.apply_updates(state.params, updates)
 
 
-def _meta_loss(state: TrainState, params: Any, meta_batch: Batch) -> tuple[jax.Array, jax.Array]:
-  """SPEC step 4: cross-entropy on the clean meta batch (BatchNorm in training mode, stats discarded)."""
+def meta_loss(state: TrainState, params: Any, meta_batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """SPEC step 4: cross-entropy on the clean meta batch (BatchNorm in training mode, stats discarded).
+  Returns the loss and the logits."""
   logits, _ = _forward_train(state, params, meta_batch["image"], stream="meta")
   return losses.cross_entropy(logits, meta_batch["label"]), logits
 
 
-def meta_gradient_autodiff(state: TrainState, images: jax.Array, meta_batch: Batch, feature_logits_fn
+def meta_gradient_autodiff(state: TrainState, images: jax.Array, meta_batch: Batch, meta_params: Any,
+                           inner_loss_of: Callable[[Any], Callable[[jax.Array], jax.Array]]
                            ) -> tuple[jax.Array, Any, jax.Array]:
-  """∇_φ L_meta by `jax.grad` through the inner optax update (second order)."""
-  def meta_objective(mln_params):
-    log_soft_labels = jax.nn.log_softmax(feature_logits_fn(mln_params))
-    fast_params = _inner_update(state, images, log_soft_labels)
-    return _meta_loss(state, fast_params, meta_batch)
+  """∇ L_meta with respect to `meta_params`, by `jax.grad` through the inner optax update (second
+  order): L_meta(θ − α ∇_θ L(f_θ(x))) with L = `inner_loss_of(meta_params)`, a loss of the logits.
 
-  (meta_loss, meta_logits), grads = jax.value_and_grad(meta_objective, has_aux=True)(
-      state.mln_params)
-  return meta_loss, grads, meta_logits
+  Any bilevel method with a meta network that shapes the classifier's loss fits: MetaLabelNet's
+  `inner_loss_of(φ)` is L_c against the soft labels MLN_φ(e(x)). Returns the meta loss, the
+  gradient and the meta batch's logits.
+  """
+  def meta_objective(params):
+    fast_params = inner_update(state, images, inner_loss_of(params))
+    return meta_loss(state, fast_params, meta_batch)
+
+  (loss, meta_logits), grads = jax.value_and_grad(meta_objective, has_aux=True)(meta_params)
+  return loss, grads, meta_logits
 
 
 def meta_gradient_jvp(state: TrainState, images: jax.Array, meta_batch: Batch, feature_logits_fn
                       ) -> tuple[jax.Array, Any, jax.Array]:
-  """The same gradient by SPEC's closed form, valid for a plain SGD inner step:
+  """MetaLabelNet's gradient by SPEC's closed form, valid for a plain SGD inner step:
 
   ∂L_meta/∂ŷ_ic = α/(B·C) · [J_p(θ) g]_ic / ŷ_ic with g = ∇_θ' L_meta(θ'), followed by one backward
   pass through MetaLabelNet. One JVP through the classifier replaces the backward-of-a-backward.
   """
   mln_logits, mln_vjp = jax.vjp(feature_logits_fn, state.mln_params)
   log_soft_labels = jax.nn.log_softmax(mln_logits)
-  fast_params = _inner_update(state, images, log_soft_labels)
-  (meta_loss, meta_logits), g = jax.value_and_grad(
-      lambda p: _meta_loss(state, p, meta_batch), has_aux=True)(fast_params)
+  fast_params = inner_update(state, images, lambda logits: losses.soft_label_kl(logits,
+                                                                                 log_soft_labels))
+  (loss, meta_logits), g = jax.value_and_grad(
+      lambda p: meta_loss(state, p, meta_batch), has_aux=True)(fast_params)
 
   probabilities = lambda params: jax.nn.softmax(_forward_train(state, params, images)[0])
   _, jvp_p = jax.jvp(probabilities, (state.params,), (g,))
@@ -120,10 +144,20 @@ def meta_gradient_jvp(state: TrainState, images: jax.Array, meta_batch: Batch, f
   scaled_jvp = state.inner_lr / jvp_p.size * jvp_p
   grad_logits = scaled_jvp - jnp.exp(log_soft_labels) * scaled_jvp.sum(-1, keepdims=True)
   (grads,) = mln_vjp(grad_logits)
-  return meta_loss, grads, meta_logits
+  return loss, grads, meta_logits
 
 
-_META_GRADIENT_FNS = {"autodiff": meta_gradient_autodiff, "jvp": meta_gradient_jvp}
+def mln_meta_gradient(state: TrainState, images: jax.Array, meta_batch: Batch, feature_logits_fn
+                      ) -> tuple[jax.Array, Any, jax.Array]:
+  """MetaLabelNet's ∇_φ L_meta (SPEC steps 1–4) by `state.meta_gradient`: 'autodiff' or 'jvp'."""
+  if state.meta_gradient == "jvp":
+    return meta_gradient_jvp(state, images, meta_batch, feature_logits_fn)
+
+  def inner_loss_of(mln_params):
+    log_soft_labels = jax.nn.log_softmax(feature_logits_fn(mln_params))
+    return lambda logits: losses.soft_label_kl(logits, log_soft_labels)
+
+  return meta_gradient_autodiff(state, images, meta_batch, state.mln_params, inner_loss_of)
 
 
 def meta_step(state: TrainState, batch: Batch, meta_batch: Batch) -> tuple[TrainState, Metrics]:
@@ -135,8 +169,8 @@ def meta_step(state: TrainState, batch: Batch, meta_batch: Batch) -> tuple[Train
   images = batch["image"]
   feature_logits_fn = lambda mln_params: soft_label_logits(state, mln_params, images)
 
-  meta_loss, mln_grads, meta_logits = _META_GRADIENT_FNS[state.meta_gradient](
-      state, images, meta_batch, feature_logits_fn)
+  loss_on_meta, mln_grads, meta_logits = mln_meta_gradient(state, images, meta_batch,
+                                                           feature_logits_fn)
   mln_updates, mln_opt_state = state.mln_tx.update(mln_grads, state.mln_opt_state, state.mln_params)
   mln_params = optax.apply_updates(state.mln_params, mln_updates)
 
@@ -161,7 +195,7 @@ def meta_step(state: TrainState, batch: Batch, meta_batch: Batch) -> tuple[Train
       "loss": loss,
       "classification_loss": classification,
       "entropy_loss": entropy,
-      "meta_loss": meta_loss,
+      "meta_loss": loss_on_meta,
       "meta_batch_accuracy": _labelled_accuracy(meta_logits, meta_batch["label"]),
       # How often the generated label's argmax keeps the given (noisy) label, over labelled samples.
       "soft_label_agreement": _labelled_accuracy(new_soft_logits, batch["label"]),

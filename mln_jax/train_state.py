@@ -8,6 +8,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from mln_jax import models
@@ -60,6 +61,9 @@ class TrainState:
   mln_params: PyTree
   mln_opt_state: optax.OptState
   rng: jax.Array                  # The data stream: epoch e shuffles and augments with fold_in(rng, e).
+  # What other methods keep beside the classifier (a second network, a teacher, per-sample tables
+  # indexed by the batch's `index`): a pytree, checkpointed, donated and stacked per run like the rest.
+  method_state: PyTree
   apply_fn: Callable[..., Any] = flax.struct.field(pytree_node=False)
   mln_apply_fn: Callable[..., Any] = flax.struct.field(pytree_node=False)
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
@@ -118,6 +122,7 @@ def create_train_state(
       mln_params=mln_params,
       mln_opt_state=mln_tx.init(mln_params),
       rng=state_rng,
+      method_state={},
       apply_fn=model.apply,
       mln_apply_fn=mln.apply,
       tx=tx,
@@ -133,14 +138,17 @@ def freeze_extractor(state: TrainState) -> TrainState:
                        extractor_batch_stats=_copy(state.batch_stats), extractor_frozen=True)
 
 
-def begin_phase2(state: TrainState, at_warmup_end: bool) -> TrainState:
-  """The state for a phase-2 epoch: where the warm-up has just ended the classifier becomes the
-  extractor; a run resumed later in phase 2 restored its frozen extractor, which is marked so."""
-  if at_warmup_end:
-    return freeze_extractor(state)
-  return state if state.extractor_frozen else state.replace(extractor_frozen=True)
-
-
 def _copy(tree: PyTree) -> PyTree:
   # Distinct buffers: a donated state must not hold one buffer twice.
   return jax.tree.map(jnp.copy, tree)
+
+
+def state_from_config(config: ml_collections.ConfigDict, image_shape: tuple[int, ...],
+                      num_classes: int, key: jax.Array) -> TrainState:
+  """A fresh train state of `config`'s classifier and optimiser settings."""
+  return create_train_state(
+      key, models.build_model(config, num_classes), tuple(image_shape), num_classes,
+      learning_rate=config.optim.learning_rate, momentum=config.optim.momentum,
+      weight_decay=config.optim.weight_decay, mln_learning_rate=config.mln.learning_rate,
+      mln_weight_decay=config.mln.weight_decay, inner_lr=config.mln.inner_lr,
+      meta_gradient=config.mln.meta_gradient)

@@ -26,12 +26,12 @@ if num_processes > 1:
 
 TESTS = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
-from mln_jax import config as config_lib, train  # noqa: E402
+from mln_jax import config as config_lib, experiment  # noqa: E402
 import test_streamed  # noqa: E402
 import tiny_config  # noqa: E402
 
 config = tiny_config.with_overrides(config_lib.streamed_config(), **{
     **test_streamed.TINY_STREAMED, "data.name": "clothing1m", "data.data_dir": data_dir})
-results = train.run(config, workdir)["metalabelnet"][0]
+results = experiment.run(config, workdir)["metalabelnet"][0]
 print("HISTORY " + json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
                                "history": results["history"]}), flush=True)

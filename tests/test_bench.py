@@ -18,15 +18,17 @@ def test_benchmark_reports_every_measurement():
                                on_progress=lambda r: seen.append(len(r["measurements"])))
   assert seen == [1, 2, 3, 4, 5]
   kinds = [row["kind"] for row in report["measurements"]]
-  assert kinds == ["warmup", "meta/autodiff", "meta/jvp", "warmup x2 runs",
-                   "meta/autodiff x2 runs"]
+  # Every registered method's phase steps, each once (MetaLabelNet's warm-up is cross-entropy's).
+  assert kinds == ["cross_entropy/cross-entropy", "metalabelnet/metalabelnet/autodiff",
+                   "metalabelnet/metalabelnet/jvp", "cross_entropy/cross-entropy x2 runs",
+                   "metalabelnet/metalabelnet/autodiff x2 runs"]
   for row in report["measurements"]:
     assert row["images_per_s"] > 0 and row["epoch_s"] > 0
   # A meta step costs several forward-backward passes: more FLOPs per image than a warm-up step.
   warmup, meta = report["measurements"][0], report["measurements"][1]
   assert meta["gflop_per_image"] > 2 * warmup["gflop_per_image"] > 0
   text = bench.format_report(report)
-  assert "meta/jvp" in text and "targets" in text
+  assert "metalabelnet/metalabelnet/jvp" in text and "targets" in text
   json.dumps(report)  # serialisable as written by --out
 
 
@@ -52,7 +54,7 @@ def test_streamed_benchmark_times_the_configs_steps_on_synthetic_inputs():
                                streamed_config=config)
   assert (report["protocol"], report["image_size"], report["num_classes"]) == ("webvision", 16, 7)
   assert [(r["kind"], r["batch_size"]) for r in report["measurements"]] == [
-      ("warmup", 8), ("meta/autodiff", 8)]
+      ("cross_entropy/cross-entropy", 8), ("metalabelnet/metalabelnet/autodiff", 8)]
   warmup, meta = report["measurements"]
   assert meta["gflop_per_image"] > 2 * warmup["gflop_per_image"] > 0
   assert "webvision steps (mlp, 16px, synthetic inputs)" in bench.format_report(report)

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from mln_jax import data
+from mln_jax import data, dataset
 
 # ----------------------------------------------------------------------------------------------
 # Fabricated CIFAR-10 JPEG pack.
@@ -364,20 +364,20 @@ def test_split_meta_test_length_mismatch():
 
 
 def test_choose_unlabelled():
-  idx = data.choose_unlabelled(num_train=100, num_unlabelled=30, seed=0)
+  idx = dataset.choose_unlabelled(num_train=100, num_unlabelled=30, seed=0)
   assert idx.shape == (30,) and np.issubdtype(idx.dtype, np.integer)
   assert np.all(np.diff(idx) > 0)  # Sorted and distinct.
   assert idx.min() >= 0 and idx.max() < 100
-  np.testing.assert_array_equal(idx, data.choose_unlabelled(100, 30, seed=0))
-  assert not np.array_equal(idx, data.choose_unlabelled(100, 30, seed=1))
-  assert data.choose_unlabelled(100, 0, seed=0).shape == (0,)
-  assert data.choose_unlabelled(100, 99, seed=0).shape == (99,)
+  np.testing.assert_array_equal(idx, dataset.choose_unlabelled(100, 30, seed=0))
+  assert not np.array_equal(idx, dataset.choose_unlabelled(100, 30, seed=1))
+  assert dataset.choose_unlabelled(100, 0, seed=0).shape == (0,)
+  assert dataset.choose_unlabelled(100, 99, seed=0).shape == (99,)
 
 
 @pytest.mark.parametrize('num_unlabelled', [-1, 100])
 def test_choose_unlabelled_bad_size(num_unlabelled):
   with pytest.raises(ValueError, match=r'\[0, 99\]'):
-    data.choose_unlabelled(100, num_unlabelled, seed=0)
+    dataset.choose_unlabelled(100, num_unlabelled, seed=0)
 
 
 # ----------------------------------------------------------------------------------------------

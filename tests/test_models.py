@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mln_jax import models
+from mln_jax import layers, models
 
 
 def test_cifar_cnn_shapes_and_parameter_count():
@@ -22,7 +22,7 @@ def test_cifar_cnn_shapes_and_parameter_count():
 
 def test_batch_norm_matches_pytorch_semantics():
   x = jax.random.normal(jax.random.PRNGKey(1), (8, 3, 3, 4)) * 3.0 + 1.5
-  bn = models.BatchNorm(use_running_average=False)
+  bn = layers.BatchNorm(use_running_average=False)
   variables = bn.init(jax.random.PRNGKey(0), x)
   np.testing.assert_array_equal(variables["batch_stats"]["mean"], np.zeros(4))
   y, updated = bn.apply(variables, x, mutable=["batch_stats"])
@@ -33,7 +33,7 @@ def test_batch_norm_matches_pytorch_semantics():
   np.testing.assert_allclose(stats["mean"], 0.1 * flat.mean(0), rtol=1e-5)
   np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-5)  # unbiased
   # Inference mode uses the running statistics.
-  y_eval = models.BatchNorm(use_running_average=True).apply(
+  y_eval = layers.BatchNorm(use_running_average=True).apply(
       {"params": variables["params"], "batch_stats": stats}, x)
   np.testing.assert_allclose(y_eval, (x - stats["mean"]) / np.sqrt(stats["var"] + 1e-5), rtol=1e-5)
 

@@ -67,5 +67,5 @@ def test_two_processes_train_like_one(tmp_path):
   summaries = [name for name in written if name.startswith("events.out.tfevents")]
   assert len(summaries) == 1  # TensorBoard, from process 0
   assert sorted(set(written) - set(summaries)) == [
-      "comparison.json", "config.json", "results.json", "soft_labels.npz"]
+      "comparison.json", "config.json", "labels.npz", "results.json", "soft_labels.npz"]
   assert not list((tmp_path / "two").rglob("*.tmp"))

@@ -64,8 +64,16 @@ def test_losses_match_hand_computed_values():
 def _meta_objective(state, batch, meta_batch, mln_params):
   """L_meta as an explicit function of φ, for finite differences."""
   feature_fn = lambda phi: steps.soft_label_logits(state, phi, batch["image"])
-  fast = steps._inner_update(state, batch["image"], jax.nn.log_softmax(feature_fn(mln_params)))
-  return steps._meta_loss(state, fast, meta_batch)[0]
+  log_soft_labels = jax.nn.log_softmax(feature_fn(mln_params))
+  fast = steps.inner_update(state, batch["image"],
+                            lambda logits: losses.soft_label_kl(logits, log_soft_labels))
+  return steps.meta_loss(state, fast, meta_batch)[0]
+
+
+def meta_gradient(kind, state, images, meta_batch, feature_fn):
+  """MetaLabelNet's meta-gradient by `kind`: 'autodiff' (the generic `jax.grad` through the inner
+  optax update) or 'jvp' (the closed form)."""
+  return steps.mln_meta_gradient(state.replace(meta_gradient=kind), images, meta_batch, feature_fn)
 
 
 @pytest.mark.parametrize("arch", ["conv_bn", "mlp"])
@@ -75,7 +83,7 @@ def test_meta_gradient_matches_finite_differences_float64(arch, method):
     state = make_state(tiny_models()[arch], jnp.float64, meta_gradient=method, inner_lr=0.7)
     batch, meta_batch = make_batch(1, dtype=jnp.float64), make_batch(2, dtype=jnp.float64)
     feature_fn = lambda phi: steps.soft_label_logits(state, phi, batch["image"])
-    _, grads, _ = steps._META_GRADIENT_FNS[method](state, batch["image"], meta_batch, feature_fn)
+    _, grads, _ = meta_gradient(method, state, batch["image"], meta_batch, feature_fn)
     objective = functools.partial(_meta_objective, state, batch, meta_batch)
     eps = 1e-5
     for seed in range(3):
@@ -97,8 +105,8 @@ def test_jvp_and_autodiff_meta_gradients_agree(arch):
     state = make_state(tiny_models()[arch], jnp.float64)
     batch, meta_batch = make_batch(3, dtype=jnp.float64), make_batch(4, dtype=jnp.float64)
     feature_fn = lambda phi: steps.soft_label_logits(state, phi, batch["image"])
-    loss_a, grads_a, _ = steps.meta_gradient_autodiff(state, batch["image"], meta_batch, feature_fn)
-    loss_j, grads_j, _ = steps.meta_gradient_jvp(state, batch["image"], meta_batch, feature_fn)
+    loss_a, grads_a, _ = meta_gradient("autodiff", state, batch["image"], meta_batch, feature_fn)
+    loss_j, grads_j, _ = meta_gradient("jvp", state, batch["image"], meta_batch, feature_fn)
     np.testing.assert_allclose(loss_a, loss_j, rtol=1e-12)
     for a, j in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_j)):
       np.testing.assert_allclose(a, j, rtol=1e-10, atol=1e-14)
@@ -106,8 +114,8 @@ def test_jvp_and_autodiff_meta_gradients_agree(arch):
   state = make_state(tiny_models()[arch])
   batch, meta_batch = make_batch(3), make_batch(4)
   feature_fn = lambda phi: steps.soft_label_logits(state, phi, batch["image"])
-  _, grads_a, _ = steps.meta_gradient_autodiff(state, batch["image"], meta_batch, feature_fn)
-  _, grads_j, _ = steps.meta_gradient_jvp(state, batch["image"], meta_batch, feature_fn)
+  _, grads_a, _ = meta_gradient("autodiff", state, batch["image"], meta_batch, feature_fn)
+  _, grads_j, _ = meta_gradient("jvp", state, batch["image"], meta_batch, feature_fn)
   for a, j in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_j)):
     np.testing.assert_allclose(a, j, rtol=1e-3, atol=1e-6 * float(jnp.abs(a).max()))
 
@@ -119,8 +127,8 @@ def test_jvp_meta_gradient_stays_finite_when_soft_labels_underflow():
   batch, meta_batch = make_batch(3), make_batch(4)
   feature_fn = lambda phi: steps.soft_label_logits(state, phi, batch["image"])
   assert float(jnp.min(jax.nn.softmax(feature_fn(state.mln_params)))) == 0.0
-  _, grads_a, _ = steps.meta_gradient_autodiff(state, batch["image"], meta_batch, feature_fn)
-  _, grads_j, _ = steps.meta_gradient_jvp(state, batch["image"], meta_batch, feature_fn)
+  _, grads_a, _ = meta_gradient("autodiff", state, batch["image"], meta_batch, feature_fn)
+  _, grads_j, _ = meta_gradient("jvp", state, batch["image"], meta_batch, feature_fn)
   for a, j in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_j)):
     assert np.all(np.isfinite(j))
     np.testing.assert_allclose(a, j, rtol=1e-3, atol=1e-6 * float(jnp.abs(a).max()))
@@ -143,12 +151,12 @@ def test_a_dropout_classifier_trains_with_one_mask_per_step():
   assert np.isfinite(metrics["loss"])
   # The JVP form is exact only if every forward pass of the step drops the same units.
   feature_fn = lambda phi: steps.soft_label_logits(state, phi, batch["image"])
-  _, grads_a, _ = steps.meta_gradient_autodiff(state, batch["image"], meta_batch, feature_fn)
-  _, grads_j, _ = steps.meta_gradient_jvp(state, batch["image"], meta_batch, feature_fn)
+  _, grads_a, _ = meta_gradient("autodiff", state, batch["image"], meta_batch, feature_fn)
+  _, grads_j, _ = meta_gradient("jvp", state, batch["image"], meta_batch, feature_fn)
   for a, j in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_j)):
     np.testing.assert_allclose(a, j, rtol=1e-3, atol=1e-6 * float(jnp.abs(a).max()))
   # Masks change from step to step.
-  loss = lambda s: steps._meta_loss(s, s.params, meta_batch)[0]
+  loss = lambda s: steps.meta_loss(s, s.params, meta_batch)[0]
   assert loss(state) != loss(state.replace(step=state.step + 1))
 
 
@@ -233,7 +241,7 @@ def test_bfloat16_compute_keeps_float32_state_and_close_meta_gradient():
   assert {x.dtype for x in jax.tree.leaves((new_state.params, new_state.batch_stats,
                                             new_state.mln_params))} == {jnp.dtype(jnp.float32)}
   gradient = lambda state: jnp.concatenate([g.ravel() for g in jax.tree.leaves(
-      steps.meta_gradient_autodiff(state, batch["image"], meta_batch, lambda phi: (
+      meta_gradient("autodiff", state, batch["image"], meta_batch, lambda phi: (
           steps.soft_label_logits(state, phi, batch["image"])))[1])])
   g32, g16 = gradient(f32), gradient(bf16)
   cosine = jnp.vdot(g32, g16) / (jnp.linalg.norm(g32) * jnp.linalg.norm(g16))

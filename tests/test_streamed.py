@@ -15,7 +15,9 @@ from jax.sharding import Mesh
 
 pytest.importorskip("tensorflow")
 
-from mln_jax import config as config_lib, file_lists, input_pipeline, train_stream  # noqa: E402
+from mln_jax import config as config_lib, experiment, file_lists, input_pipeline, loop  # noqa: E402
+from mln_jax import runtime, streamed, trained  # noqa: E402
+from mln_jax.train_state import state_from_config  # noqa: E402
 
 TESTS = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
@@ -111,7 +113,7 @@ def test_image_folder_run_with_unlabelled_lines_names_its_classes(tmp_path):
   (tmp_path / "mine/noisy.txt").write_text("\n".join(lines) + "\n")
   config = tiny_streamed("image_folder", tmp_path / "mine", **{"data.train_list": "noisy.txt",
                                                                 "num_epochs": 2})
-  results = train_stream.train_and_evaluate_stream(config, str(tmp_path / "run"))
+  results = experiment.train_and_evaluate(config, str(tmp_path / "run"))
   assert (results["num_train"], results["num_labelled"]) == (36, 24)
   assert results["class_names"] == list(classes)
   with np.load(tmp_path / "run/soft_labels.npz") as export:
@@ -290,7 +292,7 @@ def _history_without_times(results):
 def test_clothing1m_run_resumed_mid_epoch_equals_an_uninterrupted_run(tmp_path, clothing_root,
                                                                       monkeypatch):
   config = tiny_streamed("clothing1m", clothing_root)
-  whole = train_stream.train_and_evaluate_stream(config, str(tmp_path / "whole"))
+  whole = experiment.train_and_evaluate(config, str(tmp_path / "whole"))
   assert [r["phase"] for r in whole["history"]] == ["warm-up", "metalabelnet", "metalabelnet"]
   for record in whole["history"]:
     assert 0 <= record["test_accuracy"] <= record["test_top5"] <= 1
@@ -309,28 +311,27 @@ def test_clothing1m_run_resumed_mid_epoch_equals_an_uninterrupted_run(tmp_path, 
   assert whole["label_issues"]["measured_on"] == 12
   assert whole["label_issues"]["labelled"] == 12
   # The trained run gives soft labels for any images of its size: here its own training images.
-  from mln_jax import train
-  state, run_config = train.load_trained_state(str(tmp_path / "whole"))
+  state, run_config = trained.load_trained_state(str(tmp_path / "whole"))
   pixels = input_pipeline.decode_all(dataset.train, PREP)
-  np.testing.assert_allclose(train.soft_labels_for(state, pixels, run_config),
+  np.testing.assert_allclose(trained.soft_labels_for(state, pixels, run_config),
                              exported["soft_label"], rtol=1e-5, atol=1e-6)
 
-  real_check = train_stream._check_finite
+  real_check = loop.check_finite
 
-  def killed_mid_epoch_2(metrics, epoch, step):
+  def killed_mid_epoch_2(metrics, epoch, step, phase, run_dirs):
     if epoch == 1 and step == 4:  # after the checkpoint at step 2 of the second epoch
       raise KeyboardInterrupt("simulated kill")
-    real_check(metrics, epoch, step)
+    real_check(metrics, epoch, step, phase, run_dirs)
 
   # This run streams its meta batches from disk (the uninterrupted one keeps the meta set in device
   # memory): the same batches, so the same numbers, and the streamed path resumes mid-epoch too.
   streamed_meta = tiny_streamed("clothing1m", clothing_root, **{"data.meta_in_memory": False})
-  monkeypatch.setattr(train_stream, "_check_finite", killed_mid_epoch_2)
+  monkeypatch.setattr(loop, "check_finite", killed_mid_epoch_2)
   with pytest.raises(KeyboardInterrupt):
-    train_stream.train_and_evaluate_stream(streamed_meta, str(tmp_path / "killed"))
+    experiment.train_and_evaluate(streamed_meta, str(tmp_path / "killed"))
   assert not os.path.exists(tmp_path / "killed" / "results.json")
-  monkeypatch.setattr(train_stream, "_check_finite", real_check)
-  resumed = train_stream.train_and_evaluate_stream(streamed_meta, str(tmp_path / "killed"))
+  monkeypatch.setattr(loop, "check_finite", real_check)
+  resumed = experiment.train_and_evaluate(streamed_meta, str(tmp_path / "killed"))
   assert _history_without_times(resumed) == _history_without_times(whole)
   restore = lambda d: ocp.CheckpointManager(str(d / "checkpoints")).restore(
       None, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
@@ -350,8 +351,8 @@ def test_clothing1m_run_resumed_mid_epoch_equals_an_uninterrupted_run(tmp_path, 
 
     with monkeypatch.context() as patch:
       patch.setattr(ocp.CheckpointManager, "reached_preemption", reached_preemption)
-      with pytest.raises(train_stream.Preempted, match=message):
-        train_stream.train_and_evaluate_stream(epoch_ends_only, str(tmp_path / f"notice{notice}"))
+      with pytest.raises(loop.Preempted, match=message):
+        experiment.train_and_evaluate(epoch_ends_only, str(tmp_path / f"notice{notice}"))
     # Asked after every step (orbax also asks when saving).
     assert sorted(set(asked)) == list(range(1, notice + 1))
     checkpoints = ocp.CheckpointManager(str(tmp_path / f"notice{notice}" / "checkpoints"))
@@ -361,17 +362,16 @@ def test_clothing1m_run_resumed_mid_epoch_equals_an_uninterrupted_run(tmp_path, 
   resume_configs = {9: tiny_streamed("clothing1m", clothing_root, checkpoint_every_steps=0,
                                      **{"data.meta_in_memory": False}), 12: epoch_ends_only}
   for notice, resume_config in resume_configs.items():
-    resumed = train_stream.train_and_evaluate_stream(resume_config,
+    resumed = experiment.train_and_evaluate(resume_config,
                                                      str(tmp_path / f"notice{notice}"))
     assert _history_without_times(resumed) == _history_without_times(whole)
 
 
 def test_evaluation_counts_every_image_once_despite_padding(tmp_path, clothing_root):
-  from mln_jax import augment, steps, train
+  from mln_jax import augment, steps
   config = tiny_streamed("clothing1m", clothing_root)
   meta = file_lists.clothing1m(clothing_root).meta  # 24 images: batches of 16 leave 8 padded
-  state = train.new_state(config, train.build_model(config, 14), (16, 16, 3), 14,
-                          jax.random.PRNGKey(3))
+  state = state_from_config(config, (16, 16, 3), 14, jax.random.PRNGKey(3))
   images = _stack(input_pipeline.eval_batches(meta, 24, PREP))["image"][0]
   ranked = np.argsort(-np.asarray(steps.predict(state, augment.normalise_imagenet(images))), 1)
   # Labels the model gets right (top-1) at even positions, including image 0, which is what the
@@ -379,10 +379,10 @@ def test_evaluation_counts_every_image_once_despite_padding(tmp_path, clothing_r
   labels = np.where(np.arange(24) % 2 == 0, ranked[:, 0], ranked[:, 7]).astype(np.int32)
   labels[1] = ranked[1, 3]  # one more top-5 hit that is not a top-1 hit
   mesh = Mesh(np.array(jax.devices()), ("data",))
-  evaluate = train_stream.make_steps(14).evaluate
-  accuracy = train_stream.evaluate_list(evaluate, state, file_lists.ImageList(meta.files, labels),
+  evaluate = streamed.make_evaluate(14)
+  accuracy = streamed.evaluate_list(evaluate, state, file_lists.ImageList(meta.files, labels),
                                         mesh, 16, PREP)
-  assert accuracy == {"top1": 12 / 24, "top5": 13 / 24}
+  assert accuracy == {"accuracy": 12 / 24, "top5": 13 / 24}
 
 
 def test_an_undecodable_image_is_named(tmp_path):
@@ -394,11 +394,10 @@ def test_an_undecodable_image_is_named(tmp_path):
 
 
 def test_replicated_state_is_built_per_process(monkeypatch):
-  from mln_jax import train
   mesh = Mesh(np.array(jax.devices()), ("data",))
   tree = {"w": np.arange(6.0).reshape(2, 3), "step": np.int32(4)}
   monkeypatch.setattr(jax, "process_count", lambda: 2)  # takes the multi-process branch
-  replicated = train.replicate(mesh, tree)
+  replicated = runtime.replicate(mesh, tree)
   assert replicated["w"].sharding.is_fully_replicated
   np.testing.assert_array_equal(replicated["w"], tree["w"])
   assert int(replicated["step"]) == 4
@@ -407,25 +406,25 @@ def test_replicated_state_is_built_per_process(monkeypatch):
 def test_unlabelled_images_join_phase_2_only(tmp_path, clothing_root):
   config = tiny_streamed("clothing1m", clothing_root, **{"data.num_unlabelled": 24,
                                                          "data.num_meta": 16})
-  results = train_stream.train_and_evaluate_stream(config, str(tmp_path))
+  results = experiment.train_and_evaluate(config, str(tmp_path))
   assert (results["num_train"], results["num_labelled"], results["num_meta"]) == (48, 24, 16)
   # Warm-up: 24 labelled images = 3 batches; phase 2: all 48 = 6 batches per epoch.
   assert [r["steps"] for r in results["history"]] == [3, 6, 6]
 
 
 def test_meta_set_in_memory_or_streamed_trains_the_same(tmp_path, clothing_root):
-  in_memory, streamed = (train_stream.train_and_evaluate_stream(
+  kept, read = (experiment.train_and_evaluate(
       tiny_streamed("clothing1m", clothing_root, **{"data.meta_in_memory": flag}),
       str(tmp_path / str(flag))) for flag in (True, False))
-  assert len(in_memory["history"]) == 3
-  assert _history_without_times(in_memory) == _history_without_times(streamed)
+  assert len(kept["history"]) == 3
+  assert _history_without_times(kept) == _history_without_times(read)
 
 
 def test_sharded_run_matches_a_single_device_run(tmp_path, clothing_root):
   config = tiny_streamed("clothing1m", clothing_root, num_epochs=2)
-  one = train_stream.train_and_evaluate_stream(
+  one = experiment.train_and_evaluate(
       config, str(tmp_path / "one"), mesh=Mesh(np.array(jax.devices()[:1]), ("data",)))
-  four = train_stream.train_and_evaluate_stream(
+  four = experiment.train_and_evaluate(
       config, str(tmp_path / "four"), mesh=Mesh(np.array(jax.devices()), ("data",)))
   assert four["device"].endswith("x4")
   assert len(one["history"]) == len(four["history"]) == 2
@@ -477,13 +476,13 @@ def _torchvision_state_dict(variables):
   """A Flax ResNet's variables under torchvision's names and layouts (what a .pth would hold)."""
   from mln_jax import pretrained
   to_torch = {4: (3, 2, 0, 1), 2: (1, 0), 1: (0,)}
-  return {pretrained._torch_key(tuple(k.key for k in path)): np.transpose(np.asarray(leaf),
+  return {pretrained.torch_name(tuple(k.key for k in path)): np.transpose(np.asarray(leaf),
                                                                          to_torch[leaf.ndim])
           for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]}
 
 
 def test_pretrained_resnet_weights_start_the_streamed_run(tmp_path, clothing_root):
-  from mln_jax import resnet, train
+  from mln_jax import resnet
   tiny_resnet = {"model.name": "resnet", "model.stage_sizes": (1, 1), "model.num_filters": 4,
                  "num_epochs": 2}
   # "ImageNet" weights: a 1000-class model of the same shape with its own random weights.
@@ -492,19 +491,18 @@ def test_pretrained_resnet_weights_start_the_streamed_run(tmp_path, clothing_roo
   np.savez(tmp_path / "imagenet.npz", **_torchvision_state_dict(imagenet))
   config = tiny_streamed("clothing1m", clothing_root, **tiny_resnet,
                          **{"model.pretrained": str(tmp_path / "imagenet.npz")})
-  state = train.new_state(config, train.build_model(config, 14), (16, 16, 3), 14,
-                          jax.random.PRNGKey(0))
-  loaded = train_stream._load_pretrained(config, state)
+  state = state_from_config(config, (16, 16, 3), 14, jax.random.PRNGKey(0))
+  loaded = streamed.load_pretrained(config, state)
   for name in ("conv1", "layer1_0", "layer2_0"):
     jax.tree.map(np.testing.assert_array_equal, loaded.params[name], imagenet["params"][name])
     jax.tree.map(np.testing.assert_array_equal, loaded.extractor_params[name],
                  imagenet["params"][name])
   jax.tree.map(np.testing.assert_array_equal, loaded.batch_stats, imagenet["batch_stats"])
   jax.tree.map(np.testing.assert_array_equal, loaded.params["fc"], state.params["fc"])  # 14 classes
-  results = train_stream.train_and_evaluate_stream(config, str(tmp_path / "run"))
+  results = experiment.train_and_evaluate(config, str(tmp_path / "run"))
   assert results["last"]["epoch"] == 2 and results["best"]["test_top5"] > 0
   with pytest.raises(FileNotFoundError, match="missing.npz"):
-    train_stream.train_and_evaluate_stream(
+    experiment.train_and_evaluate(
         tiny_streamed("clothing1m", clothing_root, **tiny_resnet,
                       **{"model.pretrained": str(tmp_path / "missing.npz")}),
         str(tmp_path / "missing"))

@@ -18,13 +18,15 @@ def test_plan_has_one_command_per_cell():
   commands = table1.plan(seeds=3)
   assert len(commands) == 16 and len(set(commands)) == 16
   assert ("bash experiments/gpu/run.sh metalabelnet_feature_dependent_40 configs/cifar10.py "
-          "--config.noise.kind=feature_dependent --config.noise.rate=0.4 --config.num_runs=3"
-          in commands)
-  assert all("configs/cifar10_cross_entropy.py" in c for c in commands if "cross_entropy_" in c)
+          "--config.method=metalabelnet --config.noise.kind=feature_dependent "
+          "--config.noise.rate=0.4 --config.num_runs=3" in commands)
+  # Every registered method, each on the paper's protocol with its name as config.method.
+  assert all("--config.method=cross_entropy " in c for c in commands if "cross_entropy_" in c)
   local = table1.plan(seeds=2, local="/tmp/t1", data_dir="/data/c10")
-  assert local[0] == ("python -m mln_jax.main --config=configs/cifar10_cross_entropy.py "
+  assert local[0] == ("python -m mln_jax.main --config=configs/cifar10.py "
                       "--workdir=/tmp/t1/cross_entropy_uniform_20 --config.data_dir=/data/c10 "
-                      "--config.noise.kind=uniform --config.noise.rate=0.2 --config.num_runs=2")
+                      "--config.method=cross_entropy --config.noise.kind=uniform "
+                      "--config.noise.rate=0.2 --config.num_runs=2")
 
 
 def fake_history(method, last, num_epochs=6, warmup_epochs=2):

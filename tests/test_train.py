@@ -12,8 +12,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mln_jax import config as config_lib, train
-from mln_jax.train_state import freeze_extractor
+from mln_jax import config as config_lib, data as data_lib, experiment, in_memory, loop, methods
+from mln_jax import runtime, trained
+from mln_jax.dataset import Dataset, Split
+from mln_jax.train_state import state_from_config
 
 TESTS = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
@@ -56,13 +58,13 @@ def test_cli_runs_both_methods_and_writes_results(tmp_path):
   assert "train/meta_loss" in mln["history"][-1]
   # A cross-entropy run has no frozen extractor, so it gives no soft labels (instead of an untrained
   # MetaLabelNet's).
-  state, run_config = train.load_trained_state(str(workdir / "cross_entropy"))
+  state, run_config = trained.load_trained_state(str(workdir / "cross_entropy"))
   with pytest.raises(ValueError, match="no frozen feature extractor"):
-    train.soft_labels_for(state, np.zeros((4, 8, 8, 1), np.uint8), run_config)
+    trained.soft_labels_for(state, np.zeros((4, 8, 8, 1), np.uint8), run_config)
 
 
 def test_metalabelnet_learns_on_digits_and_exports_soft_labels(tmp_path):
-  results = train.run(tiny(), str(tmp_path))["metalabelnet"][0]
+  results = experiment.run(tiny(), str(tmp_path))["metalabelnet"][0]
   assert results["last"]["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
   labels = np.load(tmp_path / "labels.npz")
   assert np.mean(labels["noisy"] != labels["clean"]) == pytest.approx(
@@ -82,33 +84,33 @@ def test_metalabelnet_learns_on_digits_and_exports_soft_labels(tmp_path):
   assert issues["wrong_labels"] == int(np.sum(labels["noisy"] != labels["clean"]))
   assert 0 <= issues["top_k_precision"] <= 1
   # A trained run gives soft labels for any images through the library API.
-  state, run_config = train.load_trained_state(str(tmp_path))
-  dataset = train.data_lib.load_dataset(tiny().data)
-  np.testing.assert_allclose(train.soft_labels_for(state, dataset.train_images[:50], run_config),
+  state, run_config = trained.load_trained_state(str(tmp_path))
+  dataset = data_lib.load_dataset(tiny().data)
+  np.testing.assert_allclose(trained.soft_labels_for(state, dataset.train_images[:50], run_config),
                              export["soft_label"][:50], rtol=1e-5, atol=1e-6)
 
 
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
   config = tiny()
-  uninterrupted = train.train_and_evaluate(config, str(tmp_path / "a"))
+  uninterrupted = experiment.train_and_evaluate(config, str(tmp_path / "a"))
 
-  real_check = train._check_finite
-  def killed_in_epoch_3(metrics, epoch, phase, run):
+  real_check = loop.check_finite
+  def killed_in_epoch_3(metrics, epoch, step, phase, run_dirs):
     if epoch == 3:
       raise KeyboardInterrupt("simulated kill")
-    real_check(metrics, epoch, phase, run)
-  monkeypatch.setattr(train, "_check_finite", killed_in_epoch_3)
+    real_check(metrics, epoch, step, phase, run_dirs)
+  monkeypatch.setattr(loop, "check_finite", killed_in_epoch_3)
   with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, str(tmp_path / "b"))
+    experiment.train_and_evaluate(config, str(tmp_path / "b"))
   assert not (tmp_path / "b" / "results.json").exists()
-  monkeypatch.setattr(train, "_check_finite", real_check)
-  resumed = train.train_and_evaluate(config, str(tmp_path / "b"))
+  monkeypatch.setattr(loop, "check_finite", real_check)
+  resumed = experiment.train_and_evaluate(config, str(tmp_path / "b"))
 
   strip = lambda history: [{k: v for k, v in h.items() if not k.endswith("_s")} for h in history]
   assert strip(resumed["history"]) == strip(uninterrupted["history"])
   assert resumed["best"] == uninterrupted["best"]
   restore = lambda d: ocp.CheckpointManager(os.path.abspath(d / "checkpoints")).restore(
-      4, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+      None, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
   final_a, final_b = restore(tmp_path / "a"), restore(tmp_path / "b")
   assert len(jax.tree.leaves(final_a)) > 10
   for a, b in zip(jax.tree.leaves(final_a), jax.tree.leaves(final_b)):
@@ -116,7 +118,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
 
 
 def test_bfloat16_run_learns(tmp_path):
-  results = train.train_and_evaluate(tiny(compute_dtype="bfloat16"), str(tmp_path))
+  results = experiment.train_and_evaluate(tiny(compute_dtype="bfloat16"), str(tmp_path))
   assert results["compute_dtype"] == "bfloat16"
   assert results["last"]["test_accuracy"] > 0.5
 
@@ -124,8 +126,8 @@ def test_bfloat16_run_learns(tmp_path):
 def test_clean_model_probabilities_are_cross_fitted_and_informative():
   config = tiny(**{"noise.kind": "feature_dependent", "noise.probabilities": "clean_model",
                    "noise.teacher_epochs": 3})
-  dataset = train.data_lib.load_dataset(config.data)
-  probabilities = train.noise_probabilities(config, dataset)
+  dataset = data_lib.load_dataset(config.data)
+  probabilities = in_memory.noise_probabilities(config, dataset)
   assert probabilities.shape == (len(dataset.train_labels), 10)
   np.testing.assert_allclose(probabilities.sum(1), 1.0, rtol=1e-5)
   # Held-out predictions of a CNN on digits are far better than chance, but not memorised.
@@ -140,7 +142,7 @@ def test_unknown_config_key_is_rejected(tmp_path):
   config.unlock()
   config.data.num_metas = 10
   with pytest.raises(ValueError, match="Unknown config key 'data.num_metas'"):
-    train.run(config, str(tmp_path))
+    experiment.run(config, str(tmp_path))
   completed = subprocess.run(
       [sys.executable, "-m", "mln_jax.main", f"--config={TESTS / 'tiny_config.py'}",
        f"--workdir={tmp_path}", "--config.noise.rat=0.2"],
@@ -182,7 +184,7 @@ def test_data_dir_is_one_setting_under_two_names(tmp_path):
 ])
 def test_bad_config_values_stop_with_a_clear_message(tmp_path, overrides, error, message):
   with pytest.raises(error, match=message):
-    train.run(tiny(**overrides), str(tmp_path))
+    experiment.run(tiny(**overrides), str(tmp_path))
   assert not (tmp_path / "results.json").exists()
 
 
@@ -195,12 +197,12 @@ def test_bad_noisy_label_file_is_rejected(tmp_path, labels, message):
   np.save(path, labels)
   config = tiny(**{"noise.kind": "given", "noise.labels_path": str(path)})
   with pytest.raises(ValueError, match=message):
-    train.run(config, str(tmp_path / "run"))
+    experiment.run(config, str(tmp_path / "run"))
   assert not (tmp_path / "run" / "results.json").exists()
 
 
 def test_given_noisy_labels_are_used(tmp_path):
-  dataset = train.data_lib.load_digits_dataset(300, 0)
+  dataset = data_lib.load_digits_dataset(300, 0)
   assert len(dataset.train_labels) == 1497
   noisy = (dataset.train_labels + 1) % 10
   noisy[::2] = dataset.train_labels[::2]
@@ -208,7 +210,7 @@ def test_given_noisy_labels_are_used(tmp_path):
   np.savetxt(path, noisy, fmt="%d")
   config = tiny(**{"noise.kind": "given", "noise.labels_path": str(path), "num_epochs": 2,
                    "method": "cross_entropy"})
-  results = train.run(config, str(tmp_path / "run"))["cross_entropy"][0]
+  results = experiment.run(config, str(tmp_path / "run"))["cross_entropy"][0]
   assert results["noise"]["realised_rate"] == pytest.approx(0.5, abs=1e-3)
   assert results["noise"]["rate"] is None  # noise.rate sets nothing for given labels
 
@@ -216,17 +218,17 @@ def test_given_noisy_labels_are_used(tmp_path):
 def test_diverging_loss_stops_without_results(tmp_path):
   config = tiny(**{"optim.learning_rate": 1e6})
   with pytest.raises(FloatingPointError, match="Non-finite .* training diverged"):
-    train.run(config, str(tmp_path))
+    experiment.run(config, str(tmp_path))
   assert not (tmp_path / "results.json").exists()
   # Nothing was checkpointed, so the corrected config may rerun in the same workdir.
-  train.run(tiny(**{"num_epochs": 2, "warmup_epochs": 1}), str(tmp_path))
+  experiment.run(tiny(**{"num_epochs": 2, "warmup_epochs": 1}), str(tmp_path))
   assert (tmp_path / "results.json").exists()
 
 
 def test_workdir_of_another_config_is_not_resumed(tmp_path):
-  train.run(tiny(**{"num_epochs": 2, "warmup_epochs": 1}), str(tmp_path))
+  experiment.run(tiny(**{"num_epochs": 2, "warmup_epochs": 1}), str(tmp_path))
   with pytest.raises(ValueError, match="different config .*noise"):
-    train.run(tiny(**{"num_epochs": 2, "warmup_epochs": 1, "noise.rate": 0.2}), str(tmp_path))
+    experiment.run(tiny(**{"num_epochs": 2, "warmup_epochs": 1, "noise.rate": 0.2}), str(tmp_path))
 
 
 def test_config_schema_and_schedule():
@@ -241,47 +243,46 @@ def test_cifar10_pack_trains_a_few_steps(tmp_path, cifar10_pack):
   config = config_lib.default_config()
   config.data.data_dir = str(cifar10_pack)
   config.num_epochs, config.warmup_epochs = 2, 1
-  full = train.prepare_data(config)
-  assert full.realised_noise_rate == pytest.approx(0.4)
-  assert full.train_images.shape == (50000, 32, 32, 3) and len(full.meta_labels) == 5000
-  small = train.RunData(
-      name=full.name, train_images=full.train_images[:512], train_labels=full.train_labels[:512],
-      clean_train_labels=full.clean_train_labels[:512], meta_images=full.meta_images[:256],
-      meta_labels=full.meta_labels[:256], test_images=full.test_images[:256],
-      test_labels=full.test_labels[:256], num_classes=10,
-      realised_noise_rate=full.realised_noise_rate)
-  results = train.train_and_evaluate(config, str(tmp_path), run_data=small)
+  full = in_memory.prepare_data(config)
+  assert full.noise["realised_rate"] == pytest.approx(0.4)
+  assert full.train.images.shape == (50000, 32, 32, 3) and len(full.meta.labels) == 5000
+  small = Dataset(
+      name=full.name, num_classes=10, class_names=full.class_names,
+      train=Split(full.train.images[:512], full.train.labels[:512]),
+      meta=Split(full.meta.images[:256], full.meta.labels[:256]),
+      tests={"test": Split(full.tests["test"].images[:256], full.tests["test"].labels[:256])},
+      clean_train_labels=full.clean_train_labels[:512], noise=full.noise)
+  results = experiment.train_and_evaluate(config, str(tmp_path), dataset=small)
   assert [h["phase"] for h in results["history"]] == ["warm-up", "metalabelnet"]
   assert all(np.isfinite(h["train/loss"]) for h in results["history"])
   assert 0.0 <= results["last"]["test_accuracy"] <= 1.0
 
 
 @pytest.mark.parametrize("num_runs", [None, 2])
-@pytest.mark.parametrize("kind", ["cross_entropy", "metalabelnet"])
-def test_scanned_epoch_equals_host_loop_epoch(kind, num_runs):
-  """The accelerator path (one lax.scan) and the CPU path (a jitted call per step) agree, for one
-  state and for runs trained together (the loop's GPU path is scan with runs)."""
+@pytest.mark.parametrize("method_name", ["cross_entropy", "metalabelnet"])
+def test_scanned_epoch_equals_host_loop_epoch(method_name, num_runs):
+  """The accelerator path (one lax.scan) and the CPU path (a jitted call per step) agree for the
+  method's last phase, for one state and for runs trained together (the loop's GPU path is scan
+  with runs)."""
   results = {}
   runs = num_runs or 1
-  for loop in ("scan", "host"):
-    config = tiny(epoch_loop=loop)
-    run_data = train.prepare_data(config)
-    mesh = train.make_mesh()
-    make_state = lambda key: train.new_state(config, train.build_model(config, 10), (8, 8, 1), 10,
-                                             key)
+  for epoch_loop in ("scan", "host"):
+    config = tiny(epoch_loop=epoch_loop, method=method_name)
+    phase = methods.get(config).phases[-1]
+    dataset = in_memory.prepare_data(config)
+    mesh = runtime.make_mesh()
+    make_state = lambda key: phase.enter(state_from_config(config, (8, 8, 1), 10, key), True)
     keys = jax.random.split(jax.random.PRNGKey(0), runs)
     state = jax.vmap(make_state)(keys) if num_runs else make_state(keys[0])
-    if kind == "metalabelnet":
-      state = freeze_extractor(state)
     per_run = (lambda x: np.stack([x] * runs)) if num_runs else (lambda x: x)
     # 10 steps: long enough to cover order, keys and state threading, short enough that float
     # rounding (which differs between the two programs) stays small.
-    data = (run_data.train_images, per_run(run_data.train_labels),
-            per_run(np.arange(320, dtype=np.int32)))
-    if kind == "metalabelnet":
-      data += (per_run(run_data.meta_images), per_run(run_data.meta_labels))
+    data = (dataset.train.images, per_run(dataset.train.labels))
+    if phase.uses_meta:
+      data += (per_run(dataset.meta.images), per_run(dataset.meta.labels))
     key = jax.random.split(jax.random.PRNGKey(3), runs) if num_runs else jax.random.PRNGKey(3)
-    results[loop] = train.make_train_epoch(config, mesh, kind, num_runs)(state, *data, key)
+    results[epoch_loop] = in_memory.make_train_epoch(config, mesh, phase, num_runs)(
+        state, data, per_run(np.arange(320, dtype=np.int32)), key)
   (scan_state, scan_metrics), (host_state, host_metrics) = results["scan"], results["host"]
   expected_shape = (10, num_runs) if num_runs else (10,)
   assert scan_metrics["loss"].shape == host_metrics["loss"].shape == expected_shape
@@ -292,11 +293,11 @@ def test_scanned_epoch_equals_host_loop_epoch(kind, num_runs):
 
 def test_concurrent_runs_match_separate_runs(tmp_path):
   """num_runs=2 trains seeds 0 and 1 in one vmapped program; each equals its run trained alone."""
-  together = train.run(tiny(num_runs=2, num_epochs=3), str(tmp_path / "together"))["metalabelnet"]
+  together = experiment.run(tiny(num_runs=2, num_epochs=3), str(tmp_path / "together"))["metalabelnet"]
   assert [r["seed"] for r in together] == [0, 1]
   assert (tmp_path / "together" / "run_1" / "soft_labels.npz").exists()
   for seed, joint in enumerate(together):
-    alone = train.run(tiny(seed=seed, num_epochs=3), str(tmp_path / f"alone{seed}"))[
+    alone = experiment.run(tiny(seed=seed, num_epochs=3), str(tmp_path / f"alone{seed}"))[
         "metalabelnet"][0]
     assert joint["noise"]["realised_rate"] == alone["noise"]["realised_rate"]
     for a, b in zip(joint["history"], alone["history"]):
@@ -305,10 +306,10 @@ def test_concurrent_runs_match_separate_runs(tmp_path):
   # The two seeds are different runs, not copies.
   assert together[0]["history"][0]["train/loss"] != together[1]["history"][0]["train/loss"]
   # A run of a group loads on its own.
-  state, config = train.load_trained_state(str(tmp_path / "together" / "run_1"))
+  state, config = trained.load_trained_state(str(tmp_path / "together" / "run_1"))
   assert config.seed == 1 and state.step.shape == ()
 
 
 def test_runs_trained_together_may_differ_only_in_seed_and_noise(tmp_path):
   with pytest.raises(ValueError, match=r"run 1 also differs in \['batch_size'\]"):
-    train.train_and_evaluate_runs([tiny(), tiny(batch_size=64)], str(tmp_path))
+    experiment.train_and_evaluate_runs([tiny(), tiny(batch_size=64)], str(tmp_path))

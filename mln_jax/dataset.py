@@ -1,0 +1,84 @@
+"""The one description of a run's data that every loader gives the loop (in memory or on disk)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: `==` on array fields is ambiguous.
+class Split:
+  """Images held in memory, uint8 (N, H, W, C), and their int32 labels (−1: unlabelled)."""
+  images: np.ndarray
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+  """A noisy training split, a clean meta split and any number of named clean test splits.
+
+  Splits are `Split`s (in device memory) or `file_lists.ImageList`s (streamed from disk): both have
+  `labels` and a length.
+
+  Attributes:
+    name: e.g. 'cifar10', 'clothing1m'.
+    num_classes: labels lie in [0, num_classes).
+    class_names: label i's name (empty where the layout gives none).
+    train: the training split with its given (noisy) labels, −1 where a label was dropped.
+    meta: the clean meta split (model selection and MetaLabelNet's meta objective).
+    tests: named test splits, 'test' first.
+    clean_train_labels: the training samples' true labels, −1 where unknown.
+    noise: `kind`, `rate` (None unless synthetic noise of that rate), `realised_rate` (over the
+      labelled samples whose true label is known; None where none is) and `measured_on` (how many).
+  """
+  name: str
+  num_classes: int
+  class_names: tuple[str, ...]
+  train: Any
+  meta: Any
+  tests: dict[str, Any]
+  clean_train_labels: np.ndarray
+  noise: dict[str, Any]
+
+  def __post_init__(self):
+    if len(self.clean_train_labels) != len(self.train):
+      raise ValueError(f"{self.name}: {len(self.clean_train_labels)} clean labels for "
+                       f"{len(self.train)} training samples.")
+
+  @property
+  def labelled_indices(self) -> np.ndarray:
+    return np.flatnonzero(self.train.labels >= 0).astype(np.int32)
+
+
+def noise_summary(kind: str, rate: float | None, given: np.ndarray, clean: np.ndarray
+                  ) -> dict[str, Any]:
+  """`Dataset.noise`: the share of wrong labels among the labelled samples whose truth is known."""
+  known = (clean >= 0) & (given >= 0)
+  return {"kind": kind, "rate": rate,
+          "realised_rate": float(np.mean(clean[known] != given[known])) if known.any() else None,
+          "measured_on": int(known.sum())}
+
+
+def choose_unlabelled(num_train: int, num_unlabelled: int, seed: int) -> np.ndarray:
+  """The sorted indices of the `num_unlabelled` training samples whose labels are dropped (at least
+  one stays labelled)."""
+  if not 0 <= num_unlabelled < num_train:
+    raise ValueError(f"config.data.num_unlabelled={num_unlabelled} must lie in [0, "
+                     f"{num_train - 1}] for {num_train} training samples (one must keep its label).")
+  rng = np.random.default_rng(seed)
+  return np.sort(rng.choice(num_train, num_unlabelled, replace=False)).astype(np.int64)
+
+
+def drop_labels(labels: np.ndarray, num_unlabelled: int, seed: int) -> np.ndarray:
+  """`labels` with those of `num_unlabelled` samples chosen by `seed` set to −1 (the paper's Table
+  V): warm-ups skip them, phases that train on all samples use them."""
+  if not num_unlabelled:
+    return labels
+  labels = labels.copy()
+  labels[choose_unlabelled(len(labels), num_unlabelled, seed)] = -1
+  return labels

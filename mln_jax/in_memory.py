@@ -1,0 +1,346 @@
+"""Data held in device memory (CIFAR-10, digits): the loop's in-memory source and its epochs.
+
+The training images sit on every device as uint8 once, shared by all runs; labels, meta and test splits
+are stacked per run (`num_runs` runs train together in one `vmap`ped program). Shuffling and
+augmentation happen on the device, and on GPU/TPU a whole epoch is one jitted `lax.scan` (on CPU one
+jitted call per step, as XLA runs convolutions inside loop bodies far slower; `config.epoch_loop`).
+Batches are sharded over the `Mesh` (global-batch semantics).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any, Callable, Iterator
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mln_jax import augment, data as data_lib, dataset as dataset_lib, noise as noise_lib, steps
+from mln_jax.dataset import Dataset, Split
+from mln_jax.loop import Chunk
+from mln_jax.methods import Method, Phase
+from mln_jax.runtime import make_mesh, replicate
+from mln_jax.train_state import TrainState, state_from_config
+
+# The data one epoch reads: (train images, labels) or, for phases with meta batches, also
+# (meta images, meta labels).
+EpochData = tuple[jax.Array, ...]
+
+
+def prepare_data(config: ml_collections.ConfigDict,
+                 image_dataset: data_lib.ImageDataset | None = None) -> Dataset:
+  """One run's data: the dataset (loaded unless given), its held-out pool split into meta and test
+  by seed, the noisy training labels, and labels dropped if asked."""
+  image_dataset = image_dataset or data_lib.load_dataset(config.data)
+  meta_images, meta_labels, test_images, test_labels = data_lib.split_meta_test(
+      image_dataset.heldout_images, image_dataset.heldout_labels, config.data.num_meta,
+      seed=config.seed)
+  clean = image_dataset.train_labels.astype(np.int32)
+  probabilities = None
+  if config.noise.kind == "feature_dependent":
+    probabilities = noise_probabilities(config, image_dataset)
+  noisy = noise_lib.make_noisy_labels(
+      clean, kind=config.noise.kind, rate=config.noise.rate, num_classes=image_dataset.num_classes,
+      seed=config.seed, probs=probabilities, path=config.noise.labels_path or None)
+  noisy = dataset_lib.drop_labels(noisy, config.data.num_unlabelled, config.seed)
+  rate = config.noise.rate if config.noise.kind in noise_lib.RATED_KINDS else None
+  return Dataset(
+      name=image_dataset.name, num_classes=image_dataset.num_classes,
+      class_names=image_dataset.class_names,
+      train=Split(image_dataset.train_images, noisy),
+      meta=Split(meta_images, meta_labels.astype(np.int32)),
+      tests={"test": Split(test_images, test_labels.astype(np.int32))},
+      clean_train_labels=clean,
+      noise=dataset_lib.noise_summary(config.noise.kind, rate, noisy, clean))
+
+
+def noise_probabilities(config: ml_collections.ConfigDict, image_dataset: data_lib.ImageDataset
+                        ) -> np.ndarray:
+  """The class probabilities P that feature-dependent noise is made from (config.noise.probabilities)."""
+  source = config.noise.probabilities
+  if source == "student":
+    if image_dataset.name != "cifar10":
+      raise ValueError("config.noise.probabilities='student' exists for CIFAR-10 only; use "
+                       "'clean_model' or a path to an (N, C) .npy file.")
+    return noise_lib.student_probabilities(os.path.join(config.data.data_dir, "student_probs.npz"))
+  if source == "clean_model":
+    return clean_model_probabilities(config, image_dataset)
+  if source.endswith(".npz"):  # e.g. the pack's student_probs.npz beside another CIFAR-10 source
+    return noise_lib.student_probabilities(source)
+  if not os.path.exists(source):
+    raise FileNotFoundError(
+        f"config.noise.probabilities={source!r} is neither 'student', 'clean_model' nor an "
+        f"existing .npy or .npz file.")
+  return np.load(source)
+
+
+def clean_model_probabilities(config: ml_collections.ConfigDict,
+                              image_dataset: data_lib.ImageDataset) -> np.ndarray:
+  """P from the configured classifier trained on the clean labels, 2-fold cross-fitted.
+
+  Each half's probabilities come from a model trained on the other half, so P reflects how a model
+  that never saw a sample would confuse it, not memorised labels.
+  """
+  mesh = make_mesh()
+  epoch_fn = make_train_epoch(config, mesh, Phase("teacher", 0, steps.warmup_step))
+  predict = make_predict(mesh, config.eval_batch_size,
+                         lambda s, batch: jax.nn.softmax(steps.predict(s, batch["image"])))
+  images = replicate(mesh, image_dataset.train_images)
+  labels = replicate(mesh, image_dataset.train_labels.astype(np.int32))
+  folds = [np.sort(fold).astype(np.int32) for fold in
+           np.array_split(np.random.default_rng(config.seed).permutation(len(labels)), 2)]
+  probabilities = np.zeros((len(labels), image_dataset.num_classes), np.float32)
+  for fold, (held_out, trained_on) in enumerate([(folds[0], folds[1]), (folds[1], folds[0])]):
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1000 + fold)
+    state = replicate(mesh, state_from_config(config, image_dataset.train_images.shape[1:],
+                                              image_dataset.num_classes, key))
+    indices = replicate(mesh, trained_on)
+    for epoch in range(config.noise.teacher_epochs):
+      state, _ = epoch_fn(state, (images, labels), indices, jax.random.fold_in(state.rng, epoch))
+    probabilities[held_out] = np.asarray(predict(state, images[held_out]))
+    logging.info("clean-model probabilities: fold %d trained on %d samples, held-out accuracy %.4f",
+                 fold, len(trained_on), np.mean(probabilities[held_out].argmax(1)
+                                                == image_dataset.train_labels[held_out]))
+  return probabilities
+
+
+def _augment_fn(config: ml_collections.ConfigDict) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  def fn(key, images):
+    return augment.normalise(augment.random_crop_flip(
+        key, images, pad=config.augment.pad, hflip=config.augment.hflip,
+        vflip=config.augment.vflip))
+  return fn
+
+
+def _epoch_order(key: jax.Array, indices: jax.Array, batch_size: int) -> jax.Array:
+  """A shuffled pass over `indices` as (steps, batch_size); the last partial batch is dropped."""
+  num_steps = indices.shape[0] // batch_size
+  return jax.random.permutation(key, indices)[:num_steps * batch_size].reshape(num_steps, batch_size)
+
+
+def _cycling_order(key: jax.Array, num_items: int, num_steps: int, batch_size: int) -> jax.Array:
+  """Meta batches: consecutive shuffled passes over the meta set, as many as `num_steps` batches need.
+
+  As the reference's re-started meta loader, the meta stream cycles independently of the training
+  stream.
+  """
+  passes = -(-num_steps * batch_size // num_items)
+  keys = jax.random.split(key, passes)
+  order = jnp.concatenate([jax.random.permutation(k, num_items) for k in keys])
+  return order[:num_steps * batch_size].reshape(num_steps, batch_size)
+
+
+def make_train_epoch(config: ml_collections.ConfigDict, mesh: Mesh, phase: Phase,
+                     num_runs: int | None = None
+                     ) -> Callable[[TrainState, EpochData, jax.Array, jax.Array], Any]:
+  """A whole training epoch of `phase.step`, `(state, data, indices, key) -> (state, per-step
+  metrics)`, with donated state; `data` is `EpochData`, `indices` the samples the epoch visits.
+
+  With `num_runs`, independent runs go through one program (`vmap`): the state, labels, indices,
+  meta data and key have a leading run axis, the training images are shared, and metrics come back
+  as (steps, runs). The epoch's order and augmentation keys come from `key` alone, so an epoch is
+  reproducible. Every batch carries its samples' ids as `index`.
+  """
+  batch_size = config.batch_size
+  augment_fn = _augment_fn(config)
+  sharded = NamedSharding(mesh, P("data"))
+  shard = lambda x: jax.lax.with_sharding_constraint(x, sharded)
+
+  def gather(images, labels, idx, key, augmented=True):
+    idx = shard(idx)
+    pixels = images[idx]
+    pixels = augment_fn(key, pixels) if augmented else augment.normalise(pixels)
+    return {"image": shard(pixels), "label": shard(labels[idx]), "index": idx}
+
+  def schedule(key, indices, num_meta):
+    """Per-step inputs of one epoch: sample indices, augmentation keys (and meta indices)."""
+    order_key, augment_key, meta_key = jax.random.split(key, 3)
+    order = _epoch_order(order_key, indices, batch_size)
+    keys = jax.random.split(augment_key, (order.shape[0], 2))
+    if not phase.uses_meta:
+      return order, keys
+    return order, keys, _cycling_order(meta_key, num_meta, order.shape[0], batch_size)
+
+  def step(state, data, xs):
+    batch = gather(data[0], data[1], xs[0], xs[1][0])
+    if not phase.uses_meta:
+      return phase.step(state, batch)
+    meta_batch = gather(data[2], data[3], xs[2], xs[1][1], augmented=config.augment.meta_batches)
+    return phase.step(state, batch, meta_batch)
+
+  def epoch_schedule(key, indices, num_meta):
+    """The epoch's per-step inputs with the step axis first (then the run axis, if any)."""
+    fn = lambda k, i: schedule(k, i, num_meta)
+    if num_runs is None:
+      return fn(key, indices)
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), jax.vmap(fn)(key, indices))
+
+  run_step = step
+  if num_runs is not None:
+    data_axes = (None, 0, 0, 0) if phase.uses_meta else (None, 0)
+    run_step = jax.vmap(step, in_axes=(0, data_axes, 0))
+  num_meta_of = lambda data: data[2].shape[-4] if phase.uses_meta else 0
+
+  loop = config.epoch_loop
+  if loop == "auto":
+    loop = "host" if jax.default_backend() == "cpu" else "scan"
+  if loop == "scan":
+    @functools.partial(jax.jit, donate_argnums=0)
+    def scanned_epoch(state, data, indices, key):
+      xs = epoch_schedule(key, indices, num_meta_of(data))
+      return jax.lax.scan(lambda s, x: run_step(s, data, x), state, xs)
+    return scanned_epoch
+
+  jit_step = jax.jit(run_step, donate_argnums=0)
+  jit_schedule = jax.jit(epoch_schedule, static_argnums=2)
+
+  def host_loop_epoch(state, data, indices, key):
+    xs = jit_schedule(key, indices, num_meta_of(data))
+    per_step = []
+    for i in range(xs[0].shape[0]):
+      state, metrics = jit_step(state, data, tuple(x[i] for x in xs))
+      per_step.append(metrics)
+    return state, jax.tree.map(lambda *m: jnp.stack(m), *per_step)
+  return host_loop_epoch
+
+
+def make_predict(mesh: Mesh, eval_batch_size: int,
+                 fn: Callable[[TrainState, dict[str, jax.Array]], jax.Array],
+                 num_runs: int | None = None, shared_images: bool = False,
+                 normalise: Callable[[jax.Array], jax.Array] = augment.normalise
+                 ) -> Callable[[TrainState, jax.Array], jax.Array]:
+  """Jitted `fn(state, batch)` over a whole uint8 split in batches, without augmentation; a batch
+  holds the normalised `image`s and their positions in the split as `index`.
+
+  With `num_runs`, the state has a leading run axis, and so do the images unless `shared_images`;
+  the runs share `eval_batch_size`, so memory does not grow with their number.
+  """
+  sharded = NamedSharding(mesh, P("data"))
+  per_run = max(eval_batch_size // (num_runs or 1), 1)
+  batch = -(-per_run // mesh.size) * mesh.size
+
+  def predict_all(state, images):
+    count = images.shape[0]
+    padded = -(-count // batch) * batch
+    images = jnp.pad(images, ((0, padded - count),) + ((0, 0),) * (images.ndim - 1))
+    images = images.reshape((padded // batch, batch) + images.shape[1:])
+    positions = jnp.arange(padded, dtype=jnp.int32).reshape(padded // batch, batch)
+    per_batch = lambda xs: fn(state, {
+        "image": jax.lax.with_sharding_constraint(normalise(xs[0]), sharded), "index": xs[1]})
+    outputs = jax.lax.map(per_batch, (images, positions))
+    return outputs.reshape((padded,) + outputs.shape[2:])[:count]
+
+  if num_runs is None:
+    return jax.jit(predict_all)
+  return jax.jit(jax.vmap(predict_all, in_axes=(0, None if shared_images else 0)))
+
+
+class InMemorySource:
+  """The loop's data source for datasets held in device memory: `num_runs` runs trained together,
+  one chunk per epoch."""
+
+  stacked = True        # the state has a leading run axis (also for one run)
+  tracks_soft_labels = True  # soft labels of every training sample are cheap to get each epoch
+
+  def __init__(self, configs: list[ml_collections.ConfigDict],
+               datasets: list[Dataset] | None = None, mesh: Mesh | None = None):
+    self.configs = configs
+    self.config = configs[0]
+    self.num_runs = len(configs)
+    self.mesh = mesh or make_mesh()
+    self.datasets = datasets
+    self._epoch_fns: dict[str, Callable[..., Any]] = {}
+
+  def load(self) -> list[Dataset]:
+    """Every run's data (made unless given), checked against the batch size and put on the device."""
+    if self.datasets is None:
+      image_dataset = data_lib.load_dataset(self.config.data)
+      self.datasets = [prepare_data(c, image_dataset) for c in self.configs]
+    batch_size = self.config.batch_size
+    first = self.datasets[0]
+    smallest = min(len(first.labelled_indices), len(first.meta))
+    if batch_size > smallest:
+      raise ValueError(
+          f"config.batch_size={batch_size} is larger than the data: {len(first.labelled_indices)} "
+          f"labelled training and {len(first.meta)} meta samples. Lower --config.batch_size (or "
+          f"raise --config.data.num_meta).")
+    if len({len(d.labelled_indices) for d in self.datasets}) > 1:
+      raise ValueError("Runs trained together need the same number of labelled samples.")
+    if batch_size % self.mesh.size:
+      raise ValueError(f"config.batch_size={batch_size} must be divisible by the number of "
+                       f"devices ({self.mesh.size}).")
+    put = lambda x: replicate(self.mesh, x)
+    stacked = lambda get: put(np.stack([get(d) for d in self.datasets]))
+    self.images = put(first.train.images)  # shared by all runs: one copy on the device
+    self.labels = stacked(lambda d: d.train.labels)
+    self.meta = (stacked(lambda d: d.meta.images), stacked(lambda d: d.meta.labels))
+    self.tests = {name: stacked(lambda d, name=name: d.tests[name].images) for name in first.tests}
+    self.indices = {
+        "labelled": stacked(lambda d: d.labelled_indices),
+        "all": put(np.tile(np.arange(len(first.train), dtype=np.int32), (self.num_runs, 1)))}
+    self.image_shape = first.train.images.shape[1:]
+    self._predict_top = make_predict(
+        self.mesh, self.config.eval_batch_size,
+        lambda s, batch: jax.lax.top_k(steps.predict(s, batch["image"]),
+                                       min(5, first.num_classes))[1], self.num_runs)
+    self._soft_label_fns: dict[int, Callable[..., Any]] = {}
+    return self.datasets
+
+  def init_state(self, method: Method) -> TrainState:
+    """The runs' fresh states, stacked (each from its own seed) and replicated."""
+    num_classes, num_train = self.datasets[0].num_classes, len(self.datasets[0].train)
+    make = lambda key: method.init_state(
+        state_from_config(self.config, self.image_shape, num_classes, key), num_train)
+    keys = jnp.stack([jax.random.PRNGKey(c.seed) for c in self.configs])
+    return replicate(self.mesh, jax.vmap(make)(keys))
+
+  def steps_per_epoch(self, phase: Phase) -> int:
+    return self.indices[phase.trains_on].shape[1] // self.config.batch_size
+
+  def train_chunks(self, state: TrainState, phase: Phase, epoch: int, start_step: int,
+                   preempted: Callable[[int], bool], global_step: int) -> Iterator[Chunk]:
+    """The whole epoch as one chunk (an epoch is one program); preemption is asked at its end."""
+    del start_step  # whole epochs are checkpointed; a run resumes at an epoch's start
+    if phase.name not in self._epoch_fns:
+      self._epoch_fns[phase.name] = make_train_epoch(self.config, self.mesh, phase, self.num_runs)
+    data = (self.images, self.labels) + (self.meta if phase.uses_meta else ())
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.rng, epoch)
+    start = time.time()
+    state, metrics = self._epoch_fns[phase.name](state, data, self.indices[phase.trains_on], keys)
+    metrics = jax.tree.map(np.asarray, metrics)  # (steps, runs); waits for the epoch
+    num_steps = next(iter(metrics.values())).shape[0]
+    yield Chunk(state, metrics, num_steps, time.time() - start,
+                preempted(global_step + num_steps))
+
+  def evaluate(self, state: TrainState) -> list[dict[str, dict[str, float]]]:
+    """Per run: top-1 and top-5 accuracy on the meta split and every test split."""
+    splits = {"meta": (self.meta[0], [d.meta.labels for d in self.datasets])}
+    splits.update({name: (images, [d.tests[name].labels for d in self.datasets])
+                   for name, images in self.tests.items()})
+    per_run: list[dict[str, dict[str, float]]] = [{} for _ in self.datasets]
+    for name, (images, labels) in splits.items():
+      top = np.asarray(self._predict_top(state, images))  # (runs, N, k)
+      for index, run_labels in enumerate(labels):
+        hits = top[index] == run_labels[:, None]
+        per_run[index][name] = {"accuracy": float(np.mean(hits[:, 0])),
+                                "top5": float(np.mean(hits.any(-1)))}
+    return per_run
+
+  def soft_labels(self, state: TrainState, phase: Phase) -> list[np.ndarray]:
+    """Per run: `phase.soft_labels` of every training sample, (N, C) in training order."""
+    key = id(phase.soft_labels)
+    if key not in self._soft_label_fns:
+      self._soft_label_fns[key] = make_predict(self.mesh, self.config.eval_batch_size,
+                                               phase.soft_labels, self.num_runs,
+                                               shared_images=True)
+    return list(np.asarray(self._soft_label_fns[key](state, self.images)))
+
+  def export_extras(self, index: int) -> dict[str, np.ndarray]:
+    del index
+    return {}

@@ -1,0 +1,326 @@
+"""The one training loop: a method's phases over the chunks of a data source, with evaluation after
+every epoch, model selection by meta accuracy, checkpoints, resume and results.
+
+A source (`in_memory.InMemorySource`, `streamed.StreamedSource`) gives the loop its data as a
+`dataset.Dataset` per run, fresh states, the chunks of an epoch (a whole jitted epoch in memory;
+logging windows of single steps when streamed) and evaluations. A method (`mln_jax.methods`) gives it
+phases: which step to run, on which samples, with or without meta batches. The loop owns everything
+else, the same way for both: workdir checks, checkpoints (`orbax`; resumed bitwise, also mid-epoch),
+preemption notices, the non-finite check, logging windows, one record per epoch, TensorBoard
+summaries, the soft-label export and one results schema (`results.json`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Iterator, Protocol
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mln_jax import config as config_lib, labels as labels_lib, runtime, writers
+from mln_jax.dataset import Dataset
+from mln_jax.methods import Method, Phase
+from mln_jax.train_state import TrainState
+
+
+@dataclasses.dataclass
+class Chunk:
+  """Consecutive training steps of one epoch, as a source ran them."""
+  state: TrainState
+  metrics: dict[str, np.ndarray]  # per step and run: (steps, runs)
+  num_steps: int
+  seconds: float                  # training time of the chunk
+  preempted: bool                 # a preemption notice came at the chunk's last step
+
+
+class Source(Protocol):
+  """What the loop needs of a data source."""
+  num_runs: int
+  stacked: bool              # the state has a leading run axis
+  tracks_soft_labels: bool   # cheap enough to take every training sample's soft labels per epoch
+  image_shape: tuple[int, ...]
+
+  def load(self) -> list[Dataset]: ...
+  def init_state(self, method: Method) -> TrainState: ...
+  def steps_per_epoch(self, phase: Phase) -> int: ...
+  def train_chunks(self, state: TrainState, phase: Phase, epoch: int, start_step: int,
+                   preempted: Callable[[int], bool], global_step: int) -> Iterator[Chunk]: ...
+  def evaluate(self, state: TrainState) -> list[dict[str, dict[str, float]]]: ...
+  def soft_labels(self, state: TrainState, phase: Phase) -> list[np.ndarray]: ...
+  def export_extras(self, index: int) -> dict[str, np.ndarray]: ...
+
+
+class Preempted(RuntimeError):
+  """The job was told it will be preempted; a checkpoint was written and the run can resume."""
+
+
+def check_finite(metrics: dict[str, np.ndarray], epoch: int, step: int, phase: str,
+                 run_dirs: list[str]) -> None:
+  """Stops a diverged run, naming the metric, where it went bad and the settings to lower."""
+  for name, values in metrics.items():
+    bad = ~np.isfinite(values)
+    if bad.any():
+      run, first = np.argwhere(bad.T)[0]
+      raise FloatingPointError(
+          f"Non-finite {name} in epoch {epoch + 1} ({phase}) of {run_dirs[run]}, first at step "
+          f"{step - values.shape[0] + first + 1}: training diverged. Lower the learning rate "
+          f"(--config.optim.learning_rate, --config.mln.learning_rate or --config.mln.inner_lr) or "
+          f"check the input data. Runs trained with it stopped too; no results were written.")
+
+
+def _split_names(dataset: Dataset) -> list[str]:
+  return ["meta", *dataset.tests]
+
+
+def _fresh_progress(num_runs: int) -> dict[str, Any]:
+  # Where the runs stand: the epoch, steps taken in it, the metrics of a logging window cut short by
+  # a preemption, and per run the metric sums of the epoch, the history, the best epoch and the
+  # previous epoch's argmax soft labels (their stability).
+  return {"num_runs": num_runs, "epoch": 0, "step": 0, "global_step": 0, "window": [],
+          "epoch_train_s": 0.0, "elapsed_s": 0.0,
+          "runs": [{"sums": {}, "history": [], "best": None, "soft_argmax": None}
+                   for _ in range(num_runs)]}
+
+
+def train_and_evaluate(configs: list[ml_collections.ConfigDict], workdir: str, source: Source,
+                       method: Method) -> list[dict[str, Any]]:
+  """Trains `method` for every config (runs trained together), resuming from `workdir`.
+
+  Each run gets its folder (`workdir` for one run, `workdir/run_<i>` for several) with config.json,
+  labels.npz, TensorBoard files, soft_labels.npz where the method has soft labels, and results.json:
+  the per-epoch history (epochs counted from 1), top-1 and top-5 accuracy on the meta split and every
+  test split at the best meta epoch and at the last epoch, label-issue precision/recall where clean
+  labels are known, times and the environment. The (stacked) state is checkpointed in
+  `workdir/checkpoints`. Returns the runs' results.
+  """
+  with jax.default_matmul_precision(configs[0].matmul_precision):
+    return _train_and_evaluate(configs, workdir, source, method)
+
+
+def _train_and_evaluate(configs: list[ml_collections.ConfigDict], workdir: str, source: Source,
+                        method: Method) -> list[dict[str, Any]]:
+  config, num_runs = configs[0], len(configs)
+  lead = jax.process_index() == 0  # process 0 writes; every process checks
+  run_dirs = runtime.run_dirs(workdir, num_runs)
+  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  for run_dir, run_config in zip(run_dirs, configs):
+    os.makedirs(run_dir, exist_ok=True)
+    runtime.check_workdir_config(run_dir, run_config, checkpoint_dir, write=lead)
+  results_paths = [os.path.join(d, runtime.RESULTS_FILE) for d in run_dirs]
+  if all(os.path.exists(p) for p in results_paths):
+    logging.info("%s is complete; returning its results.", workdir)
+    return [runtime.read_json(path) for path in results_paths]
+
+  start_time = time.time()
+  datasets = source.load()
+  for run_dir, dataset in zip(run_dirs, datasets):
+    logging.info("%s in %s: %d training samples (%d labelled), %d meta, %s; %d classes; noise %s",
+                 dataset.name, run_dir, len(dataset.train), len(dataset.labelled_indices),
+                 len(dataset.meta), ", ".join(f"{len(v)} {k}" for k, v in dataset.tests.items()),
+                 dataset.num_classes, dataset.noise)
+    if lead:
+      np.savez(os.path.join(run_dir, "labels.npz"), noisy=dataset.train.labels,
+               clean=dataset.clean_train_labels)
+
+  state = source.init_state(method)
+  checkpoints = ocp.CheckpointManager(
+      os.path.abspath(checkpoint_dir),
+      # Synchronous saves: a checkpoint is complete before training goes on, so a kill never loses
+      # what was saved.
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
+                                           enable_async_checkpointing=False))
+  progress = _fresh_progress(num_runs)
+  if checkpoints.latest_step() is not None:
+    latest = checkpoints.latest_step()
+    saved = checkpoints.restore(latest, args=ocp.args.Composite(
+        progress=ocp.args.JsonRestore())).progress
+    if saved.get("num_runs") != num_runs:
+      raise ValueError(f"{workdir} holds a checkpoint of {saved.get('num_runs')} runs, not "
+                       f"{num_runs}. Resume with the same runs or use a new --workdir.")
+    restored = checkpoints.restore(latest, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(state), progress=ocp.args.JsonRestore()))
+    state, progress = restored.state, restored.progress
+    logging.info("Resumed from the checkpoint at epoch %d, step %d in %s.", progress["epoch"] + 1,
+                 progress["step"], workdir)
+
+  def save() -> None:
+    if not checkpoints.save(progress["global_step"], args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress))):
+      raise RuntimeError(f"Orbax did not save step {progress['global_step']} in "
+                         f"{checkpoints.directory} (steps there: {checkpoints.all_steps()}).")
+
+  run_writers = [writers.create_writer(d) if lead else writers.NoSummaryWriter() for d in run_dirs]
+  if progress["global_step"] == 0:
+    for writer, run_config in zip(run_writers, configs):
+      writer.write_hparams({k: v for k, v in config_lib.flatten(run_config.to_dict()).items()
+                            if isinstance(v, (int, float, str, bool))})
+  split_names = _split_names(datasets[0])
+  # What `best` and `last` report: the epoch's accuracies on the meta split and every test split.
+  selected = ["epoch"] + [f"{name}_{what}" for name in split_names for what in ("accuracy", "top5")]
+  log_every = config.log_every_steps
+  while progress["epoch"] < config.num_epochs:
+    epoch, start_step = progress["epoch"], progress["step"]
+    phase = method.phase_at(epoch)
+    state = phase.enter(state, epoch == phase.first_epoch and start_step == 0)
+    lr = config_lib.learning_rate_at(config, epoch)
+    state = method.set_learning_rate(state, lr)
+    num_steps = source.steps_per_epoch(phase)
+    # A window interrupted by a preemption continues from its saved per-step metrics.
+    window = [{k: np.asarray(v, np.float32) for k, v in m.items()} for m in progress["window"]]
+    window_start, preempted = time.time(), False
+    step = start_step
+    for chunk in source.train_chunks(state, phase, epoch, start_step,
+                                     checkpoints.reached_preemption, progress["global_step"]):
+      state, preempted = chunk.state, chunk.preempted
+      step += chunk.num_steps
+      progress["global_step"] += chunk.num_steps
+      window += [{k: v[i] for k, v in chunk.metrics.items()} for i in range(chunk.num_steps)]
+      progress["epoch_train_s"] += chunk.seconds
+      # Windows end at multiples of log_every_steps (and at the epoch's end), so a resumed run
+      # sums the same windows as an uninterrupted one.
+      if step % log_every == 0 or step == num_steps:
+        window_metrics = {k: np.stack([m[k] for m in window]) for k in window[0]}
+        check_finite(window_metrics, epoch, step, phase.name, run_dirs)
+        for index, run in enumerate(progress["runs"]):
+          for name, values in window_metrics.items():
+            run["sums"][name] = run["sums"].get(name, 0.0) + float(values[:, index].sum())
+        if len(window) < num_steps:  # an epoch of several windows: a line per window
+          logging.info("epoch %d/%d [%s] step %d/%d  loss %s  %.0f img/s", epoch + 1,
+                       config.num_epochs, phase.name, step, num_steps,
+                       " ".join(f"{v:.4f}" for v in window_metrics["loss"].mean(0)),
+                       len(window) * config.batch_size * num_runs / (time.time() - window_start))
+          for index, writer in enumerate(run_writers):
+            writer.write_scalars(progress["global_step"], {
+                f"train_window/{k}": float(v[:, index].mean()) for k, v in window_metrics.items()})
+        window, window_start = [], time.time()
+      progress["step"] = step
+      progress["window"] = ([{k: np.asarray(v).tolist() for k, v in m.items()} for m in window]
+                            if preempted else [])
+      if step == num_steps:
+        break  # the epoch-end checkpoint follows the evaluation (also after a preemption notice)
+      if preempted or (config.checkpoint_every_steps
+                       and step % config.checkpoint_every_steps == 0):
+        save()
+      if preempted:
+        checkpoints.wait_until_finished()
+        raise Preempted(f"Preemption notice at step {progress['global_step']} (epoch {epoch + 1}, "
+                        f"step {step}/{num_steps}): checkpoint written; run the same command "
+                        "again to resume.")
+
+    eval_start = time.time()
+    accuracies = source.evaluate(state)
+    soft_argmax = None
+    if phase.soft_labels is not None and source.tracks_soft_labels:
+      soft_argmax = [soft.argmax(1) for soft in source.soft_labels(state, phase)]
+    # Times of the whole epoch, also when it was interrupted and resumed.
+    train_time = progress["epoch_train_s"]
+    epoch_time = train_time + time.time() - eval_start
+    for index, (run, dataset) in enumerate(zip(progress["runs"], datasets)):
+      record = {"epoch": epoch + 1, "phase": phase.name, "learning_rate": lr, "steps": num_steps,
+                **{f"train/{k}": v / num_steps for k, v in run["sums"].items()}}
+      for name in split_names:
+        record.update({f"{name}_accuracy": accuracies[index][name]["accuracy"],
+                       f"{name}_top5": accuracies[index][name]["top5"]})
+      record.update({"train_time_s": train_time, "epoch_time_s": epoch_time,
+                     "images_per_s": num_steps * config.batch_size * num_runs / train_time})
+      if soft_argmax is not None:
+        previous = run["soft_argmax"]
+        record.update(labels_lib.soft_label_agreement(
+            soft_argmax[index], dataset.train.labels, dataset.clean_train_labels,
+            None if previous is None else np.asarray(previous)))
+        run["soft_argmax"] = soft_argmax[index].tolist()
+      run["history"].append(record)
+      if phase.selects_best and (
+          run["best"] is None or record["meta_accuracy"] > run["best"]["meta_accuracy"]):
+        run["best"] = {k: record[k] for k in selected}
+      run["sums"] = {}
+      run_writers[index].write_scalars(epoch + 1, {k: v for k, v in record.items()
+                                                   if isinstance(v, float) and k != "epoch"})
+    per_run = lambda key: " ".join(f"{r['history'][-1][key]:.4f}" for r in progress["runs"])
+    logging.info("epoch %3d/%d [%s] lr %.0e  loss %s  %s  %.0f img/s (%.1f s)", epoch + 1,
+                 config.num_epochs, phase.name, lr, per_run("train/loss"),
+                 "  ".join(f"{name} acc {per_run(f'{name}_accuracy')} top-5 "
+                           f"{per_run(f'{name}_top5')}" for name in split_names),
+                 num_steps * config.batch_size * num_runs / train_time, epoch_time)
+    progress.update(epoch=epoch + 1, step=0, epoch_train_s=0.0,
+                    elapsed_s=progress["elapsed_s"] + epoch_time)
+    if (preempted or (epoch + 1) % config.checkpoint_every_epochs == 0
+        or epoch + 1 == config.num_epochs):
+      save()
+    if preempted:
+      checkpoints.wait_until_finished()
+      raise Preempted(f"Preemption notice at the end of epoch {epoch + 1} (step "
+                      f"{progress['global_step']}): checkpoint written; run the same command "
+                      "again to resume.")
+  checkpoints.wait_until_finished()
+  for writer in run_writers:
+    writer.flush()
+  return _finish(configs, workdir, run_dirs, source, method, state, progress, datasets, selected,
+                 start_time, lead)
+
+
+def _finish(configs: list[ml_collections.ConfigDict], workdir: str, run_dirs: list[str],
+            source: Source, method: Method, state: TrainState, progress: dict[str, Any],
+            datasets: list[Dataset], selected: list[str], start_time: float, lead: bool
+            ) -> list[dict[str, Any]]:
+  """The soft-label export and every run's results.json."""
+  config = configs[0]
+  final_phase = method.phase_at(config.num_epochs - 1)
+  soft_labels = None
+  if final_phase.soft_labels is not None and config.export_soft_labels:
+    # One inference pass over the training images: the export users of noisy-label tools expect.
+    soft_labels = source.soft_labels(state, final_phase)
+  all_results = []
+  for index, (run_dir, run, dataset, run_config) in enumerate(
+      zip(run_dirs, progress["runs"], datasets, configs)):
+    given, clean = dataset.train.labels, dataset.clean_train_labels
+    label_issues = None
+    if soft_labels is not None:
+      if lead:
+        labels_lib.write_soft_labels(
+            os.path.join(run_dir, "soft_labels.npz"), given, soft_labels[index], clean,
+            class_names=np.asarray(dataset.class_names, str), **source.export_extras(index))
+      known = (clean >= 0) & (given >= 0)
+      if known.any():  # synthetic noise: every sample; Clothing1M: those with a clean label too
+        label_issues = {"measured_on": int(known.sum()), **labels_lib.label_issue_report(
+            given[known], soft_labels[index][known], clean[known])}
+    history = run["history"]
+    results = {
+        "method": method.name,
+        "dataset": dataset.name,
+        "seed": run_config.seed,
+        "num_train": len(dataset.train),
+        "num_labelled": len(dataset.labelled_indices),
+        "num_meta": len(dataset.meta),
+        "class_names": list(dataset.class_names),  # label i's name ([] where the layout has none)
+        "noise": dataset.noise,
+        "best": run["best"],
+        "last": {k: history[-1][k] for k in selected},
+        "history": history,
+        "label_issues": label_issues,
+        "image_shape": list(source.image_shape),
+        "num_classes": dataset.num_classes,
+        "checkpoint": {"dir": os.path.relpath(os.path.join(workdir, "checkpoints"), run_dir),
+                       "run_index": index if source.stacked else None,
+                       "num_runs": len(configs) if source.stacked else None},
+        # Training, evaluation and soft-label passes over all epochs (across resumes); for runs
+        # trained together, those of the shared program.
+        "epochs_time_s": progress["elapsed_s"],
+        "wall_time_s": time.time() - start_time,
+        "concurrent_runs": len(configs),
+        **runtime.run_environment(run_config),
+    }
+    if lead:
+      runtime.write_json_atomically(os.path.join(run_dir, runtime.RESULTS_FILE), results)
+    logging.info("%s %s done: test accuracy %.4f (top-5 %.4f) at the best meta epoch %d, %.4f at "
+                 "the last epoch; label issues %s.", method.name, run_dir,
+                 results["best"]["test_accuracy"], results["best"]["test_top5"],
+                 results["best"]["epoch"], results["last"]["test_accuracy"], label_issues)
+    all_results.append(results)
+  return all_results

@@ -1,0 +1,73 @@
+"""Training methods as data: each is a list of phases, each phase a pure step and a few facts.
+
+The loop (`mln_jax.loop`) knows no method by name. For the epoch it is in, it asks the method for its
+phase and runs that phase's step over the batches the phase trains on, with meta batches if the phase
+asks for them; it selects the best epoch by meta accuracy over the phases that say so, calls a phase's
+`enter` when it starts (or resumes inside it), and tracks and exports the phase's `soft_labels`.
+
+Adding a method: write `mln_jax/methods/<name>.py` with a `method(config) -> Method` and add one line
+to `REGISTRY` below; its settings go in their own group of `mln_jax/config.py`. The shapes of the
+methods this fits:
+- a loss-only method (SCE, GCE, Bootstrapping): one phase (or a cross-entropy warm-up first) whose
+  step is `steps.supervised_step` with the method's loss of (logits, labels);
+- extra networks or a teacher (Co-teaching's second network, MLNT's EMA teacher, Meta-Weight-Net's
+  weighting network): kept in `TrainState.method_state`, made by the method's `init_state`; their
+  optimiser's learning rate follows the schedule through the method's `set_learning_rate`;
+- per-sample state (Joint Optimization's and PENCIL's label distributions, MSLG's soft labels): an
+  (N, C) table in `method_state`, read and written at `batch["index"]` (every batch carries its
+  samples' ids, so the table follows every shuffle); it is checkpointed with the state and stacked
+  per run under `num_runs` like every other leaf;
+- bilevel methods: `steps.meta_gradient_autodiff` differentiates through the inner optax update of any
+  loss of the classifier's logits, with respect to any meta parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import ml_collections
+
+from mln_jax.methods import cross_entropy, metalabelnet
+from mln_jax.methods.base import Method, Phase
+
+__all__ = ["Method", "Phase", "REGISTRY", "get", "names", "resolve"]
+
+REGISTRY: dict[str, Callable[[ml_collections.ConfigDict], Method]] = {
+    "cross_entropy": cross_entropy.method,
+    "metalabelnet": metalabelnet.method,
+}
+# Names that stand for several methods.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "both": ("cross_entropy", "metalabelnet"),
+    "all": tuple(REGISTRY),
+}
+
+
+def names() -> tuple[str, ...]:
+  return tuple(REGISTRY)
+
+
+def resolve(spec: str | Sequence[str]) -> tuple[str, ...]:
+  """The method names `config.method` stands for: one name, several (a comma-separated string or a
+  sequence), 'both' or 'all'."""
+  requested = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+  resolved: list[str] = []
+  for name in requested:
+    for method_name in GROUPS.get(name, (name,)):
+      if method_name not in REGISTRY:
+        raise ValueError(f"config.method={spec!r}: unknown method {method_name!r}; choose from "
+                         f"{', '.join(REGISTRY)} (or a list of them, 'both', 'all').")
+      if method_name not in resolved:
+        resolved.append(method_name)
+  if not resolved:
+    raise ValueError(f"config.method={spec!r} names no method; choose from {', '.join(REGISTRY)}.")
+  return tuple(resolved)
+
+
+def get(config: ml_collections.ConfigDict) -> Method:
+  """The one method `config.method` names, built from (and checked against) `config`."""
+  resolved = resolve(config.method)
+  if len(resolved) != 1 or config.method in GROUPS:
+    raise ValueError(f"config.method={config.method!r} names {len(resolved)} methods; one run "
+                     "trains one (mln_jax.experiment.run trains several, one after another).")
+  return REGISTRY[resolved[0]](config)

@@ -1,0 +1,58 @@
+"""Finished runs as a library: their final train state, and soft labels for any images."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mln_jax import augment, config as config_lib, in_memory, methods, runtime, steps
+from mln_jax.train_state import TrainState, state_from_config
+
+
+def load_trained_state(workdir: str) -> tuple[TrainState, ml_collections.ConfigDict]:
+  """The final train state of a finished run in `workdir` (classifier, extractor, MetaLabelNet)
+  and its config; for a run trained together with others, its slice of their common checkpoint."""
+  results_path = os.path.join(workdir, runtime.RESULTS_FILE)
+  if not os.path.exists(results_path):
+    raise FileNotFoundError(f"{results_path} does not exist: {workdir} holds no finished run (for "
+                            f"runs trained together, name one run's folder, {workdir}/run_<i>).")
+  config = ml_collections.ConfigDict(runtime.read_json(os.path.join(workdir, "config.json")))
+  results = runtime.read_json(results_path)
+  where = results["checkpoint"]
+  method = methods.get(config)
+  make = lambda key: method.init_state(state_from_config(
+      config, tuple(results["image_shape"]), results["num_classes"], key), results["num_train"])
+  stacked = where["num_runs"] is not None  # runs trained together have a leading run axis
+  abstract = (jax.eval_shape(jax.vmap(make), jnp.zeros((where["num_runs"], 2), jnp.uint32))
+              if stacked else jax.eval_shape(make, jnp.zeros((2,), jnp.uint32)))
+  # Restore onto this process's first device, whatever devices the run was trained on.
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          abstract)
+  checkpoints = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, where["dir"])))
+  state = checkpoints.restore(checkpoints.latest_step(), args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract))).state
+  state = jax.tree.map(lambda x: x[where["run_index"]], state) if stacked else state
+  # The state as the run's last phase left it (MetaLabelNet's: its extractor frozen).
+  return method.phase_at(config.num_epochs - 1).enter(state, False), config
+
+
+def soft_labels_for(state: TrainState, images: np.ndarray, config: ml_collections.ConfigDict,
+                    batch_size: int = 1000) -> np.ndarray:
+  """MetaLabelNet's soft labels for uint8 NHWC images (new, unlabelled or training images).
+
+  `state` and `config` are a finished run's, from `load_trained_state`: the config says how images
+  are normalised (streamed datasets: ImageNet's statistics; they must already have the run's size,
+  which `input_pipeline.decode_all` gives files).
+  """
+  streamed = config.data.name in config_lib.STREAMED_DATASETS
+  mesh = runtime.make_mesh()
+  predict = in_memory.make_predict(
+      mesh, batch_size, lambda s, batch: steps.predict_soft_labels(s, batch["image"]),
+      normalise=augment.normalise_imagenet if streamed else augment.normalise)
+  return np.asarray(predict(runtime.replicate(mesh, state), runtime.replicate(mesh, images)))
