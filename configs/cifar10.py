@@ -1,4 +1,5 @@
-"""CIFAR-10, the paper's protocol (SPEC, Section IV-B): 8-layer CNN, batch 128, 120 epochs, 44 warm-up.
+"""CIFAR-10, the paper's protocol (SPEC, Section IV-B): 8-layer CNN, batch 128, 120 epochs, 44
+warm-up.
 
 Default noise: 40% feature-dependent, from the pack's student probabilities (as the paper).
 

@@ -8,11 +8,11 @@ Cross-entropy and MetaLabelNet at 40% feature-dependent noise from the pack's st
   python -m mln_jax.main --config=configs/cifar10_cpu.py --workdir=/tmp/mln_cifar10_cpu \
       --config.data_dir=../shared/data/cifar10
 
-Expected (experiments/results/cifar10_cpu.md, seed 0, 98 minutes on a shared 2-core CPU): test accuracy
-at the best meta epoch, cross-entropy 64.52 vs MetaLabelNet 63.92. At this scale cross-entropy never
-memorises the noise, so MetaLabelNet has nothing to recover (the paper's gain is against the decline
-of a larger network over 120 epochs); its soft labels still flag the wrong labels (the top 40% of
-label-issue scores hold 67.4% of them).
+Expected (experiments/results/cifar10_cpu.md, seed 0, 98 minutes on a shared 2-core CPU): test
+accuracy at the best meta epoch, cross-entropy 64.52 vs MetaLabelNet 63.92. At this scale
+cross-entropy never memorises the noise, so MetaLabelNet has nothing to recover (the paper's gain is
+against the decline of a larger network over 120 epochs); its soft labels still flag the wrong
+labels (the top 40% of label-issue scores hold 67.4% of them).
 """
 
 from mln_jax.config import default_config

@@ -1,4 +1,5 @@
-"""CIFAR-10 cross-entropy baseline (Table I's first row): the same protocol, cross-entropy throughout.
+"""CIFAR-10 cross-entropy baseline (Table I's first row): the same protocol, cross-entropy
+throughout.
 
   python -m mln_jax.main --config=configs/cifar10_cross_entropy.py --workdir=/tmp/ce_cifar10 \
       --config.data_dir=../shared/data/cifar10

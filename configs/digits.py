@@ -1,5 +1,6 @@
-"""The embedded default: scikit-learn's bundled digits (no download), a small CNN, 40% feature-dependent
-noise made from a CNN trained on the clean labels; cross-entropy vs MetaLabelNet, on a CPU in minutes.
+"""The embedded default: scikit-learn's bundled digits (no download), a small CNN, 40%
+feature-dependent noise made from a CNN trained on the clean labels; cross-entropy vs MetaLabelNet,
+on a CPU in minutes.
 
   python -m mln_jax.main --config=configs/digits.py --workdir=/tmp/mln_digits
 

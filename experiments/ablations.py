@@ -1,6 +1,6 @@
-"""The paper's ablations (Section V) as commands and reports: meta-data size (Figure 5), warm-up length
-(Figure 6) and unlabelled data (Figure 7), MetaLabelNet at 40% feature-dependent noise on CIFAR-10
-(configs/cifar10.py), 3 seeds per value trained together.
+"""The paper's ablations (Section V) as commands and reports: meta-data size (Figure 5), warm-up
+length (Figure 6) and unlabelled data (Figure 7), MetaLabelNet at 40% feature-dependent noise on
+CIFAR-10 (configs/cifar10.py), 3 seeds per value trained together.
 
   python experiments/ablations.py plan --ablation=meta_size [--seeds=3] [--local=/tmp/abl
       [--data_dir=DIR]]
@@ -8,9 +8,9 @@
       --local one `python -m mln_jax.main` command per value writing under that folder;
   python experiments/ablations.py assemble --ablation=meta_size --results=DIR --command="..."
       reads every finished run under DIR (results.json with its config.json) and writes
-      experiments/results/ablation_<name>.md, .json and .png: mean ± std of test accuracy at the best
-      meta epoch and at the last epoch per value (and per method, where both were run), plus the
-      accuracy-per-epoch and soft-label figures of each value.
+      experiments/results/ablation_<name>.md, .json and .png: mean ± std of test accuracy at the
+      best meta epoch and at the last epoch per value (and per method, where both were run), plus
+      the accuracy-per-epoch and soft-label figures of each value.
 
 `--config`, `--values` and `--extra` (more overrides) run the same ablation on another config (e.g.
 configs/digits.py on a CPU).
@@ -42,7 +42,8 @@ ABLATIONS = {
     "warmup": ("warmup_epochs", (20, 30, 44, 60), "warm-up epochs",
                "Figure 6: best a few epochs after the first lr decay (index 41)"),
     # 20% to 72% of CIFAR-10's 50k training labels removed.
-    "unlabelled": ("data.num_unlabelled", (10000, 20000, 30000, 36000), "unlabelled training images",
+    "unlabelled": ("data.num_unlabelled", (10000, 20000, 30000, 36000),
+                   "unlabelled training images",
                    "Figure 7: top accuracy up to 72% (36k) unlabelled"),
 }
 
@@ -167,7 +168,8 @@ def main() -> None:
   plan_parser.add_argument("--seeds", type=int, default=3)
   plan_parser.add_argument("--config", default="configs/cifar10.py")
   plan_parser.add_argument("--values", type=lambda s: [int(v) for v in s.split(",")])
-  plan_parser.add_argument("--local", default="", help="folder for local runs (else the GPU script)")
+  plan_parser.add_argument("--local", default="",
+                           help="folder for local runs (else the GPU script)")
   plan_parser.add_argument("--data_dir", default="../shared/data/cifar10",
                            help="the CIFAR-10 pack, for --local commands")
   plan_parser.add_argument("--extra", action="append", default=[],

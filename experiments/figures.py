@@ -71,7 +71,8 @@ def accuracy_curves(runs_by_method: dict[str, Sequence[Results]], warmup_epochs:
 
 
 def soft_label_stability(runs: Sequence[Results], path: pathlib.Path, title: str) -> pathlib.Path:
-  """Figure 4's idea: how often argmax soft labels change between epochs, and whom they agree with."""
+  """Figure 4's idea: how often argmax soft labels change between epochs, and whom they agree
+  with."""
   figure, (changes, agreement) = plt.subplots(1, 2, figsize=(10, 4))
   epochs, mean, std = _per_epoch(runs, "soft_labels/changed_fraction")
   _band(changes, epochs, mean, std, "changed since the previous epoch")

@@ -47,8 +47,8 @@ def record(workdirs: list[pathlib.Path], name: str, command: str, note: str,
       f"- command: `{command}`",
       f"- noise: {kind}{rate}", "",
       "Times are those of the program a run was part of (runs trained together share one).", "",
-      "| run | method | realised noise | test acc at best meta epoch | best epoch | last-epoch test acc "
-      "| epochs time (s) | wall time (s) |",
+      "| run | method | realised noise | test acc at best meta epoch | best epoch "
+      "| last-epoch test acc | epochs time (s) | wall time (s) |",
       "|---|---|---|---|---|---|---|---|",
   ]
   by_method: dict[str, list[dict]] = {}
@@ -60,7 +60,8 @@ def record(workdirs: list[pathlib.Path], name: str, command: str, note: str,
                  f"| {r['wall_time_s']:.1f} |")
   issues = [(path, r["label_issues"]) for path, r in runs.items() if r.get("label_issues")]
   if issues:
-    lines += ["", "Label errors flagged by MetaLabelNet's soft labels, against the clean labels:", "",
+    lines += ["", "Label errors flagged by MetaLabelNet's soft labels, against the clean labels:",
+              "",
               "| run | wrong labels | top-k precision = recall | argmax-flag precision | "
               "argmax-flag recall |", "|---|---|---|---|---|"]
     for path, i in issues:

@@ -1,5 +1,6 @@
 """Table I of the paper on CIFAR-10: every registered method (`mln_jax.methods`), uniform and
-feature-dependent noise at 20/40/60/80%, the paper's protocol (configs/cifar10.py), 3 seeds per cell.
+feature-dependent noise at 20/40/60/80%, the paper's protocol (configs/cifar10.py), 3 seeds per
+cell.
 
 Two sub-commands:
 
@@ -69,7 +70,8 @@ def plan(seeds: int, local: str = "", data_dir: str = "../shared/data/cifar10") 
 
 
 def protocol_differences(config: dict[str, Any]) -> list[str]:
-  """The keys of a run's saved config (config.json) that depart from the paper's CIFAR-10 protocol."""
+  """The keys of a run's saved config (config.json) that depart from the paper's CIFAR-10
+  protocol."""
   paper = flatten(json.loads(default_config().to_json_best_effort()))
   # A key the run's (older) schema lacks had its default then.
   return sorted(key for key, value in flatten(config).items()
@@ -135,9 +137,10 @@ def assemble(folders: list[pathlib.Path], command: str, out: pathlib.Path = RESU
             "paper": paper, "wall_time_s": [r["wall_time_s"] for r in runs]}
       lines.append(f"| {method} | {kind} | " + " | ".join(row) + " |")
   out.mkdir(parents=True, exist_ok=True)
-  lines += ["", "Figures per noise setting in `table1_figures/`: test accuracy per epoch of both "
-            "methods with the end of the warm-up marked (`*_accuracy.png`, the paper's Figure 3) and "
-            "MetaLabelNet's soft-label stability (`*_soft_labels.png`, Figure 4's idea)."]
+  lines += ["", "Figures per noise setting in `table1_figures/`: test accuracy per epoch of every "
+            "method with the end of a warm-up marked (`*_accuracy.png`, the paper's Figure 3) and "
+            "soft-label stability of the methods with soft labels (`*_soft_labels.png`, Figure 4's "
+            "idea)."]
   for kind in KINDS:
     for rate in RATES:
       by_method = {m: cells[(m, kind, round(rate, 4))] for m in methods.names()
@@ -157,7 +160,8 @@ def main() -> None:
   commands = parser.add_subparsers(dest="command_name", required=True)
   plan_parser = commands.add_parser("plan", help="print one command per cell")
   plan_parser.add_argument("--seeds", type=int, default=3)
-  plan_parser.add_argument("--local", default="", help="folder for local runs (else the GPU script)")
+  plan_parser.add_argument("--local", default="",
+                           help="folder for local runs (else the GPU script)")
   plan_parser.add_argument("--data_dir", default="../shared/data/cifar10",
                            help="the CIFAR-10 pack, for --local commands")
   assemble_parser = commands.add_parser("assemble", help="write experiments/results/table1.md")

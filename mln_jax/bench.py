@@ -1,5 +1,5 @@
-"""Benchmark on the current device: step throughput with device-resident data, compile time, peak memory,
-and (with the CIFAR-10 pack) end-to-end epoch times including evaluation.
+"""Benchmark on the current device: step throughput with device-resident data, compile time, peak
+memory, and (with the CIFAR-10 pack) end-to-end epoch times including evaluation.
 
   python -m mln_jax.bench --out=/tmp/bench.json [--data_dir=../shared/data/cifar10]
   python -m mln_jax.bench --streamed_config=configs/clothing1m.py --out=/tmp/clothing1m.json
@@ -9,10 +9,10 @@ image size, classes and batch size are timed on synthetic uint8 batches already 
 input pipeline is not part of the figure), as the streamed loop calls them.
 
 Every phase step of every registered method (`mln_jax.methods`) is timed, each step once.
-Throughput is measured on whole epochs of the training loop (`in_memory.make_train_epoch`) over synthetic
-CIFAR-shaped uint8 data already on the device, after a first (compiling) call; the reported figure is
-the median of `--repeats` timed epochs. The project's speed targets (one H100, batch 128) are printed
-beside the numbers; they are not asserted anywhere.
+Throughput is measured on whole epochs of the training loop (`in_memory.make_train_epoch`) over
+synthetic CIFAR-shaped uint8 data already on the device, after a first (compiling) call; the
+reported figure is the median of `--repeats` timed epochs. The project's speed targets (one H100,
+batch 128) are printed beside the numbers; they are not asserted anywhere.
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ flags.DEFINE_string("data_dir", "", "CIFAR-10 pack: also time end-to-end epochs 
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
 flags.DEFINE_integer("concurrent_runs", 8, "Also measure this many runs in one program (0: skip).")
 config_flags.DEFINE_config_file(
-    "streamed_config", None, "A streamed dataset's config (configs/clothing1m.py, webvision.py): time "
-    "its steps on synthetic inputs of its shapes instead of CIFAR-10's (--batch_sizes, if given, "
-    "replaces its batch size).", lock_config=True)
+    "streamed_config", None, "A streamed dataset's config (configs/clothing1m.py, webvision.py): "
+    "time its steps on synthetic inputs of its shapes instead of CIFAR-10's (--batch_sizes, if "
+    "given, replaces its batch size).", lock_config=True)
 
 
 def _peak_memory_bytes() -> int | None:
@@ -230,7 +230,8 @@ def measure_cifar10_epochs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   compile_s = (history[0]["epoch_time_s"] - phase1) + (history[2]["epoch_time_s"] - phase2)
   phase2_epochs = config.num_epochs - config.warmup_epochs
   return {"phase1_epoch_s": phase1, "phase2_epoch_s": phase2, "compile_s": compile_s,
-          "projected_protocol_s": config.warmup_epochs * phase1 + phase2_epochs * phase2 + compile_s}
+          "projected_protocol_s": (config.warmup_epochs * phase1 + phase2_epochs * phase2
+                                   + compile_s)}
 
 
 def _add_utilisation(row: dict[str, Any], flops: float | None) -> None:

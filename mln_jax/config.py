@@ -1,7 +1,9 @@
-"""The configuration schema: every key a run understands, with the paper's CIFAR-10 protocol as defaults.
+"""The configuration schema: every key a run understands, with the paper's CIFAR-10 protocol as
+defaults.
 
-Config files in `configs/` start from `default_config()` and override values; `validate_config` rejects
-keys this schema does not know and values outside their allowed sets, naming the key and the fix.
+Config files in `configs/` start from `default_config()` and override values; `validate_config`
+rejects keys this schema does not know and values outside their allowed sets, naming the key and the
+fix.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ def default_config() -> ml_collections.ConfigDict:
   """The paper's CIFAR-10 protocol (SPEC, Section IV-B) on the shared pack."""
   config = ml_collections.ConfigDict()
   config.seed = 0
-  # A method of the registry (mln_jax/methods: 'metalabelnet', warm-up then phase 2; 'cross_entropy',
-  # for all epochs, the baseline row), a comma-separated list of them, 'both' (those two) or 'all':
-  # several train one after another, each in its own sub-folder of the workdir, then a comparison.
+  # A method of the registry (mln_jax/methods: 'metalabelnet', warm-up then phase 2;
+  # 'cross_entropy', for all epochs, the baseline row), a comma-separated list of them, 'both'
+  # (those two) or 'all': several train one after another, each in its own sub-folder of the
+  # workdir, then a comparison.
   config.method = "metalabelnet"
   # Independent runs with seeds seed, seed + 1, ... trained together in one vmapped program (each
   # with its own split, noise, initialisation and data order); results per run in workdir/run_<i>.
@@ -34,7 +37,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.data_dir = ml_collections.FieldReference("", field_type=str)
 
   config.data = ml_collections.ConfigDict()
-  # In memory: 'cifar10' | 'digits'. Streamed from disk: 'clothing1m' | 'webvision' | 'image_folder'.
+  # In memory: 'cifar10' | 'digits'. Streamed from disk: 'clothing1m' | 'webvision' |
+  # 'image_folder'.
   config.data.name = "cifar10"
   config.data.source = "pack"            # cifar10: 'pack' (the JPEG .npz pack) | 'python'
   config.data.data_dir = config.get_ref("data_dir")
@@ -67,7 +71,8 @@ def default_config() -> ml_collections.ConfigDict:
   # training order.
   config.noise.probabilities = "student"
   config.noise.teacher_epochs = 10       # epochs of each 'clean_model' fold
-  config.noise.labels_path = ""          # given: .npy / .npz[:key] / .txt of N labels, training order
+  # given: a .npy / .npz[:key] / .txt file of N labels in training order.
+  config.noise.labels_path = ""
 
   config.model = ml_collections.ConfigDict()
   # 'cifar_cnn' | 'conv_bn' | 'mlp' | 'resnet50' | 'resnet' (any depth) | 'inception_resnet_v2'
@@ -115,8 +120,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Streamed datasets, MetaLabelNet: after training, one inference pass over the training images
   # writes soft_labels.npz (in-memory datasets always write it).
   config.export_soft_labels = True
-  # 'scan': an epoch is one jitted lax.scan (fast on GPU/TPU); 'host': one jitted call per step (fast
-  # on CPU, where XLA's convolutions are slow inside loops); 'auto': 'host' on CPU, else 'scan'.
+  # 'scan': an epoch is one jitted lax.scan (fast on GPU/TPU); 'host': one jitted call per step
+  # (fast on CPU, where XLA's convolutions are slow inside loops); 'auto': 'host' on CPU, else
+  # 'scan'.
   config.epoch_loop = "auto"
   # Precision of float32 matmuls and convolutions (jax.default_matmul_precision): 'default' lets
   # GPUs use TF32 (as PyTorch's cuDNN convolutions do by default); 'high' and 'highest' are more

@@ -20,17 +20,17 @@ import numpy as np
 from PIL import Image
 
 CIFAR10_IMAGE_SHAPE = (32, 32, 3)
-CIFAR10_CLASS_NAMES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
-                       'ship', 'truck')
-CIFAR10_PACK_FILE = 'cifar10_jpeg.npz'
-CIFAR10_PACK_KEYS = ('train_jpeg', 'train_offsets', 'train_label', 'test_jpeg', 'test_offsets',
-                     'test_label')
-CIFAR10_TRAIN_BATCHES = tuple(f'data_batch_{i}' for i in range(1, 6))
-CIFAR10_TEST_BATCH = 'test_batch'
-CIFAR10_META_FILE = 'batches.meta'
+CIFAR10_CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                       "ship", "truck")
+CIFAR10_PACK_FILE = "cifar10_jpeg.npz"
+CIFAR10_PACK_KEYS = ("train_jpeg", "train_offsets", "train_label", "test_jpeg", "test_offsets",
+                     "test_label")
+CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST_BATCH = "test_batch"
+CIFAR10_META_FILE = "batches.meta"
 
-DATASET_NAMES = ('cifar10', 'digits')
-CIFAR10_SOURCES = ('pack', 'python')
+DATASET_NAMES = ("cifar10", "digits")
+CIFAR10_SOURCES = ("pack", "python")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: `==` on array fields is ambiguous.
@@ -58,21 +58,21 @@ class ImageDataset:
     # Every loader funnels through here, so a malformed source fails at load time rather than
     # deep inside training.
     if len(self.class_names) != self.num_classes:
-      raise ValueError(f'{self.name}: {len(self.class_names)} class names for '
-                       f'{self.num_classes} classes')
-    for split, images, labels in (('train', self.train_images, self.train_labels),
-                                  ('heldout', self.heldout_images, self.heldout_labels)):
+      raise ValueError(f"{self.name}: {len(self.class_names)} class names for "
+                       f"{self.num_classes} classes")
+    for split, images, labels in (("train", self.train_images, self.train_labels),
+                                  ("heldout", self.heldout_images, self.heldout_labels)):
       if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f'{self.name}: {split} images must be uint8 (N, H, W, C), got '
-                         f'{images.dtype} {images.shape}')
+        raise ValueError(f"{self.name}: {split} images must be uint8 (N, H, W, C), got "
+                         f"{images.dtype} {images.shape}")
       if labels.dtype != np.int32 or labels.shape != images.shape[:1]:
-        raise ValueError(f'{self.name}: {split} labels must be int32 of shape {images.shape[:1]}, '
-                         f'got {labels.dtype} {labels.shape}')
+        raise ValueError(f"{self.name}: {split} labels must be int32 of shape {images.shape[:1]}, "
+                         f"got {labels.dtype} {labels.shape}")
       if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
-        raise ValueError(f'{self.name}: {split} labels outside [0, {self.num_classes})')
+        raise ValueError(f"{self.name}: {split} labels outside [0, {self.num_classes})")
     if self.train_images.shape[1:] != self.heldout_images.shape[1:]:
-      raise ValueError(f'{self.name}: train images {self.train_images.shape[1:]} and held-out '
-                       f'images {self.heldout_images.shape[1:]} differ in shape')
+      raise ValueError(f"{self.name}: train images {self.train_images.shape[1:]} and held-out "
+                       f"images {self.heldout_images.shape[1:]} differ in shape")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,9 +82,9 @@ class ImageDataset:
 def _decode_jpeg(data: bytes) -> np.ndarray:
   """Decodes one JPEG file to an (H, W, 3) uint8 RGB array."""
   # formats=('JPEG',) skips probing the other plugins: the pack holds JPEG files only.
-  with Image.open(io.BytesIO(data), formats=('JPEG',)) as image:
-    if image.mode != 'RGB':
-      image = image.convert('RGB')
+  with Image.open(io.BytesIO(data), formats=("JPEG",)) as image:
+    if image.mode != "RGB":
+      image = image.convert("RGB")
     return np.asarray(image)
 
 
@@ -106,15 +106,15 @@ def decode_jpegs(jpeg: np.ndarray, offsets: np.ndarray, num_workers: int | None 
   """
   num_images = len(offsets) - 1
   if num_images <= 0:
-    raise ValueError('no JPEG files to decode')
+    raise ValueError("no JPEG files to decode")
   if chunk_size < 1:
-    raise ValueError(f'chunk_size must be >= 1, got {chunk_size}')
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
   def decode_one(i: int) -> np.ndarray:
     try:
       return _decode_jpeg(jpeg[offsets[i]:offsets[i + 1]].tobytes())
     except (OSError, SyntaxError) as e:  # What pillow raises for truncated or corrupt files.
-      raise ValueError(f'JPEG file {i} does not decode: {e}') from e
+      raise ValueError(f"JPEG file {i} does not decode: {e}") from e
 
   # The first image fixes the shape, so each worker can write its chunk straight into one
   # preallocated output (disjoint slices: no locking, no concatenation copy).
@@ -126,7 +126,7 @@ def decode_jpegs(jpeg: np.ndarray, offsets: np.ndarray, num_workers: int | None 
     for i in range(start, stop):
       image = decode_one(i)
       if image.shape != first.shape:
-        raise ValueError(f'JPEG file {i} has shape {image.shape}, file 0 has {first.shape}')
+        raise ValueError(f"JPEG file {i} has shape {image.shape}, file 0 has {first.shape}")
       out[i] = image
 
   num_workers = num_workers or os.cpu_count() or 1
@@ -148,25 +148,25 @@ def decode_jpegs(jpeg: np.ndarray, offsets: np.ndarray, num_workers: int | None 
 def _check_jpeg_split(npz_file: pathlib.Path, split: str, jpeg: np.ndarray, offsets: np.ndarray,
                       labels: np.ndarray) -> None:
   """Raises ValueError unless one split's byte array, offsets and labels agree."""
-  where = f'{npz_file}: {split}'
+  where = f"{npz_file}: {split}"
   if jpeg.ndim != 1 or jpeg.dtype != np.uint8:
-    raise ValueError(f'{where}_jpeg must be a 1-D uint8 array, got {jpeg.dtype} {jpeg.shape}')
+    raise ValueError(f"{where}_jpeg must be a 1-D uint8 array, got {jpeg.dtype} {jpeg.shape}")
   if offsets.ndim != 1 or not np.issubdtype(offsets.dtype, np.integer):
-    raise ValueError(f'{where}_offsets must be a 1-D integer array, got {offsets.dtype} '
-                     f'{offsets.shape}')
+    raise ValueError(f"{where}_offsets must be a 1-D integer array, got {offsets.dtype} "
+                     f"{offsets.shape}")
   if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-    raise ValueError(f'{where}_label must be a 1-D integer array, got {labels.dtype} '
-                     f'{labels.shape}')
+    raise ValueError(f"{where}_label must be a 1-D integer array, got {labels.dtype} "
+                     f"{labels.shape}")
   if len(offsets) != len(labels) + 1:
-    raise ValueError(f'{where}_label has {len(labels)} labels but {split}_offsets describes '
-                     f'{len(offsets) - 1} images')
+    raise ValueError(f"{where}_label has {len(labels)} labels but {split}_offsets describes "
+                     f"{len(offsets) - 1} images")
   if len(labels) == 0:
-    raise ValueError(f'{where} split is empty')
+    raise ValueError(f"{where} split is empty")
   if offsets[0] != 0 or offsets[-1] != len(jpeg):
-    raise ValueError(f'{where}_offsets must run from 0 to len({split}_jpeg) = {len(jpeg)}, got '
-                     f'{offsets[0]}..{offsets[-1]}')
+    raise ValueError(f"{where}_offsets must run from 0 to len({split}_jpeg) = {len(jpeg)}, got "
+                     f"{offsets[0]}..{offsets[-1]}")
   if np.any(np.diff(offsets) <= 0):
-    raise ValueError(f'{where}_offsets must be strictly increasing (every file non-empty)')
+    raise ValueError(f"{where}_offsets must be strictly increasing (every file non-empty)")
 
 
 def load_cifar10_pack(path: str | os.PathLike[str], num_workers: int | None = None,
@@ -190,42 +190,42 @@ def load_cifar10_pack(path: str | os.PathLike[str], num_workers: int | None = No
     ValueError: if the file is not a well-formed pack.
   """
   folder = pathlib.Path(path).expanduser()
-  contents = f'the folder must contain {CIFAR10_PACK_FILE} (the shared CIFAR-10 JPEG pack)'
+  contents = f"the folder must contain {CIFAR10_PACK_FILE} (the shared CIFAR-10 JPEG pack)"
   if not folder.is_dir():
-    raise FileNotFoundError(f'CIFAR-10 pack folder {folder} does not exist; {contents}')
+    raise FileNotFoundError(f"CIFAR-10 pack folder {folder} does not exist; {contents}")
   npz_file = folder / CIFAR10_PACK_FILE
   if not npz_file.is_file():
-    raise FileNotFoundError(f'{npz_file} not found; {contents}')
+    raise FileNotFoundError(f"{npz_file} not found; {contents}")
   # Checked up front: np.load would otherwise try to read a non-zip file as a pickle.
   if not zipfile.is_zipfile(npz_file):
-    raise ValueError(f'{npz_file} is not an .npz (zip) archive')
+    raise ValueError(f"{npz_file} is not an .npz (zip) archive")
 
   with np.load(npz_file, allow_pickle=False) as npz:
     missing = [key for key in CIFAR10_PACK_KEYS if key not in npz.files]
     if missing:
-      raise ValueError(f'{npz_file} lacks key(s) {missing}; a pack has {list(CIFAR10_PACK_KEYS)}')
+      raise ValueError(f"{npz_file} lacks key(s) {missing}; a pack has {list(CIFAR10_PACK_KEYS)}")
     # Each access decompresses the member, so read every key exactly once.
     arrays = {key: npz[key] for key in CIFAR10_PACK_KEYS}
 
   images = {}
   labels = {}
-  for split in ('train', 'test'):
-    jpeg, offsets, label = (arrays[f'{split}_{k}'] for k in ('jpeg', 'offsets', 'label'))
+  for split in ("train", "test"):
+    jpeg, offsets, label = (arrays[f"{split}_{k}"] for k in ("jpeg", "offsets", "label"))
     _check_jpeg_split(npz_file, split, jpeg, offsets, label)
     try:
       images[split] = decode_jpegs(jpeg, offsets, num_workers=num_workers, chunk_size=chunk_size)
     except ValueError as e:
-      raise ValueError(f'{npz_file}: {split}_jpeg: {e}') from e
+      raise ValueError(f"{npz_file}: {split}_jpeg: {e}") from e
     if images[split].shape[1:] != CIFAR10_IMAGE_SHAPE:
-      raise ValueError(f'{npz_file}: {split} images are {images[split].shape[1:]}, CIFAR-10 '
-                       f'images are {CIFAR10_IMAGE_SHAPE}')
+      raise ValueError(f"{npz_file}: {split} images are {images[split].shape[1:]}, CIFAR-10 "
+                       f"images are {CIFAR10_IMAGE_SHAPE}")
     labels[split] = label.astype(np.int32)
   return ImageDataset(
-      name='cifar10',
-      train_images=images['train'],
-      train_labels=labels['train'],
-      heldout_images=images['test'],
-      heldout_labels=labels['test'],
+      name="cifar10",
+      train_images=images["train"],
+      train_labels=labels["train"],
+      heldout_images=images["test"],
+      heldout_labels=labels["test"],
       num_classes=len(CIFAR10_CLASS_NAMES),
       class_names=CIFAR10_CLASS_NAMES)
 
@@ -237,21 +237,21 @@ def load_cifar10_pack(path: str | os.PathLike[str], num_workers: int | None = No
 def _read_pickle(file: pathlib.Path) -> Any:
   """Reads one pickle of the CIFAR-10 python release (pickled by Python 2, hence bytes keys)."""
   # Unpickling can run arbitrary code: only point this at a trusted copy of the release.
-  with open(file, 'rb') as f:
+  with open(file, "rb") as f:
     try:
-      return pickle.load(f, encoding='bytes')
+      return pickle.load(f, encoding="bytes")
     except (pickle.UnpicklingError, EOFError) as e:
-      raise ValueError(f'{file} is not a readable pickle: {e}') from e
+      raise ValueError(f"{file} is not a readable pickle: {e}") from e
 
 
 def _read_cifar10_batch(file: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
   """Reads one batch file into (N, 32, 32, 3) uint8 images and (N,) int32 labels."""
   batch = _read_pickle(file)
-  if not isinstance(batch, dict) or b'data' not in batch or b'labels' not in batch:
+  if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
     raise ValueError(f"{file} is not a CIFAR-10 batch: expected a dict with keys b'data' and "
                      f"b'labels'")
-  data = np.asarray(batch[b'data'])
-  labels = np.asarray(batch[b'labels'])
+  data = np.asarray(batch[b"data"])
+  labels = np.asarray(batch[b"labels"])
   height, width, channels = CIFAR10_IMAGE_SHAPE
   row_size = height * width * channels
   if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != row_size:
@@ -284,13 +284,13 @@ def load_cifar10_python(path: str | os.PathLike[str]) -> ImageDataset:
   required = CIFAR10_TRAIN_BATCHES + (CIFAR10_TEST_BATCH, CIFAR10_META_FILE)
   contents = f'the folder must contain {", ".join(required)} (CIFAR-10 python version)'
   if not folder.is_dir():
-    raise FileNotFoundError(f'CIFAR-10 folder {folder} does not exist; {contents}')
+    raise FileNotFoundError(f"CIFAR-10 folder {folder} does not exist; {contents}")
   for name in required:
     if not (folder / name).is_file():
-      raise FileNotFoundError(f'{folder / name} not found; {contents}')
+      raise FileNotFoundError(f"{folder / name} not found; {contents}")
 
   meta = _read_pickle(folder / CIFAR10_META_FILE)
-  names = meta.get(b'label_names') if isinstance(meta, dict) else None
+  names = meta.get(b"label_names") if isinstance(meta, dict) else None
   if names is None or len(names) != len(CIFAR10_CLASS_NAMES):
     raise ValueError(f"{folder / CIFAR10_META_FILE}: expected a dict whose b'label_names' lists "
                      f"{len(CIFAR10_CLASS_NAMES)} names")
@@ -299,7 +299,7 @@ def load_cifar10_python(path: str | os.PathLike[str]) -> ImageDataset:
   train = [_read_cifar10_batch(folder / name) for name in CIFAR10_TRAIN_BATCHES]
   test_images, test_labels = _read_cifar10_batch(folder / CIFAR10_TEST_BATCH)
   return ImageDataset(
-      name='cifar10',
+      name="cifar10",
       train_images=np.concatenate([images for images, _ in train]),
       train_labels=np.concatenate([labels for _, labels in train]),
       heldout_images=test_images,
@@ -331,12 +331,12 @@ def load_digits_dataset(num_heldout: int, seed: int) -> ImageDataset:
   labels = digits.target.astype(np.int32)
   num_images = len(images)
   if not 1 <= num_heldout <= num_images - 1:
-    raise ValueError(f'num_heldout must be in [1, {num_images - 1}] for the {num_images} digits, '
-                     f'got {num_heldout}')
+    raise ValueError(f"num_heldout must be in [1, {num_images - 1}] for the {num_images} digits, "
+                     f"got {num_heldout}")
   heldout = np.zeros(num_images, bool)
   heldout[np.random.default_rng(seed).choice(num_images, num_heldout, replace=False)] = True
   return ImageDataset(
-      name='digits',
+      name="digits",
       train_images=images[~heldout],
       train_labels=labels[~heldout],
       heldout_images=images[heldout],
@@ -364,10 +364,10 @@ def split_meta_test(images: np.ndarray, labels: np.ndarray, num_meta: int,
   """
   num_pool = len(images)
   if len(labels) != num_pool:
-    raise ValueError(f'{num_pool} images but {len(labels)} labels')
+    raise ValueError(f"{num_pool} images but {len(labels)} labels")
   if not 1 <= num_meta <= num_pool - 1:
-    raise ValueError(f'num_meta must be in [1, M - 1] for a held-out pool of M = {num_pool}, '
-                     f'got {num_meta}')
+    raise ValueError(f"num_meta must be in [1, M - 1] for a held-out pool of M = {num_pool}, "
+                     f"got {num_meta}")
   is_meta = np.zeros(num_pool, bool)
   is_meta[np.random.default_rng(seed).choice(num_pool, num_meta, replace=False)] = True
   return images[is_meta], labels[is_meta], images[~is_meta], labels[~is_meta]
@@ -394,16 +394,16 @@ def load_dataset(data_config: Any) -> ImageDataset:
   Returns:
     The dataset.
   """
-  name = _choice(data_config.name, DATASET_NAMES, 'dataset name')
-  if name == 'digits':
+  name = _choice(data_config.name, DATASET_NAMES, "dataset name")
+  if name == "digits":
     return load_digits_dataset(num_heldout=data_config.num_heldout, seed=data_config.split_seed)
-  source = _choice(data_config.source, CIFAR10_SOURCES, 'cifar10 source')
-  data_dir = getattr(data_config, 'data_dir', None)
+  source = _choice(data_config.source, CIFAR10_SOURCES, "cifar10 source")
+  data_dir = getattr(data_config, "data_dir", None)
   if not data_dir:
-    what = (f'the folder that contains {CIFAR10_PACK_FILE}' if source == 'pack' else
-            'the cifar-10-batches-py folder')
-    raise FileNotFoundError(f'no data_dir set for cifar10 (source {source!r}); pass '
-                            f'--config.data_dir=... ({what})')
-  if source == 'pack':
+    what = (f"the folder that contains {CIFAR10_PACK_FILE}" if source == "pack" else
+            "the cifar-10-batches-py folder")
+    raise FileNotFoundError(f"no data_dir set for cifar10 (source {source!r}); pass "
+                            f"--config.data_dir=... ({what})")
+  if source == "pack":
     return load_cifar10_pack(data_dir)
   return load_cifar10_python(data_dir)

@@ -69,7 +69,8 @@ def choose_unlabelled(num_train: int, num_unlabelled: int, seed: int) -> np.ndar
   one stays labelled)."""
   if not 0 <= num_unlabelled < num_train:
     raise ValueError(f"config.data.num_unlabelled={num_unlabelled} must lie in [0, "
-                     f"{num_train - 1}] for {num_train} training samples (one must keep its label).")
+                     f"{num_train - 1}] for {num_train} training samples (one must keep its "
+                     "label).")
   rng = np.random.default_rng(seed)
   return np.sort(rng.choice(num_train, num_unlabelled, replace=False)).astype(np.int64)
 

@@ -6,12 +6,14 @@ checks every list file and a sample of the images, and names the first missing f
 layout should look like.
 
 Layouts (SPEC, "On-disk formats"):
-- Clothing1M: `images/…`, `noisy_label_kv.txt` and `clean_label_kv.txt` (`images/a/b/c.jpg <label>`),
+- Clothing1M: `images/…`, `noisy_label_kv.txt` and `clean_label_kv.txt` (`images/a/b/c.jpg
+<label>`),
   `noisy_train_key_list.txt`, `clean_val_key_list.txt`, `clean_test_key_list.txt` (a path a line).
 - WebVision 1.0: `info/train_filelist_google.txt` (`google/q0001/x.jpg <label>`),
   `info/val_filelist.txt` (`x.jpg <label>`, images under `val_images/`, or `val_images_256/` in the
   resized release), `info/synsets.txt`; optionally
-  the ILSVRC12 validation images sorted into one folder per synset (`<imagenet_val_dir>/n01440764/…`).
+  the ILSVRC12 validation images sorted into one folder per synset
+  (`<imagenet_val_dir>/n01440764/…`).
 - image_folder (bring your own): `train/<class>/…` or a `train_list` file (`path <label>`, paths
   relative to the root, label −1 for an unlabelled image), and clean `meta/<class>/…` and
   `test/<class>/…`.
@@ -150,7 +152,8 @@ def clothing1m(data_dir: str | os.PathLike[str]) -> Dataset:
   train_keys = _read_keys(root / "noisy_train_key_list.txt")
   train = listed("noisy_train_key_list.txt", noisy, "noisy_label_kv.txt", train_keys)
   return _dataset(
-      "clothing1m", CLOTHING1M_CLASSES, class_names if len(class_names) == CLOTHING1M_CLASSES else (),
+      "clothing1m", CLOTHING1M_CLASSES,
+      class_names if len(class_names) == CLOTHING1M_CLASSES else (),
       train, listed("clean_val_key_list.txt", clean, "clean_label_kv.txt"),
       {"test": listed("clean_test_key_list.txt", clean, "clean_label_kv.txt")},
       clean_train_labels=np.asarray([clean.get(k, -1) for k in train_keys], np.int32))
@@ -171,8 +174,8 @@ def webvision(data_dir: str | os.PathLike[str], num_classes: int, num_meta: int,
   """WebVision 1.0, Google images of the first `num_classes` classes (the paper: 50).
 
   The verified validation images of those classes (2.5k for 50) are split by `seed` into `num_meta`
-  meta images (the paper: 1k) and the test set (the other 1.5k). With `imagenet_val_dir`, the ILSVRC12
-  validation images of the same classes (one folder per synset) are a second test set.
+  meta images (the paper: 1k) and the test set (the other 1.5k). With `imagenet_val_dir`, the
+  ILSVRC12 validation images of the same classes (one folder per synset) are a second test set.
   """
   root = pathlib.Path(data_dir)
   train_list = root / "info" / "train_filelist_google.txt"
@@ -185,7 +188,8 @@ def webvision(data_dir: str | os.PathLike[str], num_classes: int, num_meta: int,
   train_files, train_labels = _read_pairs(train_list)
   _check_labels(train_labels, 1000, str(train_list))  # WebVision 1.0 has ImageNet's 1000 classes
   keep = train_labels < num_classes
-  train = ImageList(_absolute(root, [f for f, k in zip(train_files, keep) if k]), train_labels[keep])
+  train = ImageList(_absolute(root, [f for f, k in zip(train_files, keep) if k]),
+                    train_labels[keep])
   _check_images_exist(train.files, str(train_list))
   val_files, val_labels = _read_pairs(val_list)
   _check_labels(val_labels, 1000, str(val_list))
@@ -216,8 +220,8 @@ def _class_folders(root: pathlib.Path, classes: list[str]) -> ImageList:
   for label, name in enumerate(classes):
     folder = root / name
     if not folder.is_dir():
-      raise _layout_error(folder, "class-folder", f"one folder per class ({', '.join(classes[:3])}, "
-                          f"…) in {root}")
+      raise _layout_error(folder, "class-folder",
+                          f"one folder per class ({', '.join(classes[:3])}, …) in {root}")
     # Hidden files and folders (macOS's `._x.jpg`, `.ipynb_checkpoints/`) hold no images.
     images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES
                     and not any(part.startswith(".")
@@ -230,8 +234,8 @@ def _class_folders(root: pathlib.Path, classes: list[str]) -> ImageList:
 
 
 def image_folder(data_dir: str | os.PathLike[str], train_list: str = "") -> Dataset:
-  """Your own dataset: `train/<class>/…` (or a `train_list` of `path <label>` lines, paths relative to
-  `data_dir`) with noisy labels, and clean `meta/<class>/…` and `test/<class>/…`.
+  """Your own dataset: `train/<class>/…` (or a `train_list` of `path <label>` lines, paths relative
+  to `data_dir`) with noisy labels, and clean `meta/<class>/…` and `test/<class>/…`.
 
   Classes are the sorted folder names of `meta/` (label i is the i-th name); with `train/`, its
   folders must be the same. In a `train_list`, label −1 marks an image without a label: warm-up
@@ -267,15 +271,16 @@ def image_folder(data_dir: str | os.PathLike[str], train_list: str = "") -> Data
                        "they must be the same.")
     train = _class_folders(train_dir, classes)
   return _dataset("image_folder", len(classes), tuple(classes), train,
-                  _class_folders(meta_dir, classes), {"test": _class_folders(root / "test", classes)})
+                  _class_folders(meta_dir, classes),
+                  {"test": _class_folders(root / "test", classes)})
 
 
 def load(data_config: Any, seed: int) -> Dataset:
   """The streamed dataset `data_config.name` names, with `num_meta` and `num_unlabelled` applied.
 
-  `num_meta` (0: all) draws a meta subset by `seed` (the paper's Table IV); `num_unlabelled` drops the
-  labels of that many training images chosen by `seed` (Table V): warm-up skips them, phase 2 uses
-  them like the others.
+  `num_meta` (0: all) draws a meta subset by `seed` (the paper's Table IV); `num_unlabelled` drops
+  the labels of that many training images chosen by `seed` (Table V): warm-up skips them, phase 2
+  uses them like the others.
   """
   if not data_config.data_dir:
     raise FileNotFoundError(f"no data_dir set for {data_config.name}; pass "

@@ -1,7 +1,7 @@
 """Data held in device memory (CIFAR-10, digits): the loop's in-memory source and its epochs.
 
-The training images sit on every device as uint8 once, shared by all runs; labels, meta and test splits
-are stacked per run (`num_runs` runs train together in one `vmap`ped program). Shuffling and
+The training images sit on every device as uint8 once, shared by all runs; labels, meta and test
+splits are stacked per run (`num_runs` runs train together in one `vmap`ped program). Shuffling and
 augmentation happen on the device, and on GPU/TPU a whole epoch is one jitted `lax.scan` (on CPU one
 jitted call per step, as XLA runs convolutions inside loop bodies far slower; `config.epoch_loop`).
 Batches are sharded over the `Mesh` (global-batch semantics).
@@ -62,7 +62,8 @@ def prepare_data(config: ml_collections.ConfigDict,
 
 def noise_probabilities(config: ml_collections.ConfigDict, image_dataset: data_lib.ImageDataset
                         ) -> np.ndarray:
-  """The class probabilities P that feature-dependent noise is made from (config.noise.probabilities)."""
+  """The class probabilities P that feature-dependent noise is made from
+  (config.noise.probabilities)."""
   source = config.noise.probabilities
   if source == "student":
     if image_dataset.name != "cifar10":
@@ -121,11 +122,13 @@ def _augment_fn(config: ml_collections.ConfigDict) -> Callable[[jax.Array, jax.A
 def _epoch_order(key: jax.Array, indices: jax.Array, batch_size: int) -> jax.Array:
   """A shuffled pass over `indices` as (steps, batch_size); the last partial batch is dropped."""
   num_steps = indices.shape[0] // batch_size
-  return jax.random.permutation(key, indices)[:num_steps * batch_size].reshape(num_steps, batch_size)
+  order = jax.random.permutation(key, indices)[:num_steps * batch_size]
+  return order.reshape(num_steps, batch_size)
 
 
 def _cycling_order(key: jax.Array, num_items: int, num_steps: int, batch_size: int) -> jax.Array:
-  """Meta batches: consecutive shuffled passes over the meta set, as many as `num_steps` batches need.
+  """Meta batches: consecutive shuffled passes over the meta set, as many as `num_steps` batches
+  need.
 
   As the reference's re-started meta loader, the meta stream cycles independently of the training
   stream.
@@ -258,7 +261,8 @@ class InMemorySource:
     self._epoch_fns: dict[str, Callable[..., Any]] = {}
 
   def load(self) -> list[Dataset]:
-    """Every run's data (made unless given), checked against the batch size and put on the device."""
+    """Every run's data (made unless given), checked against the batch size and put on the
+    device."""
     if self.datasets is None:
       image_dataset = data_lib.load_dataset(self.config.data)
       self.datasets = [prepare_data(c, image_dataset) for c in self.configs]

@@ -1,10 +1,11 @@
-"""Inception-ResNet-v2 (Szegedy et al. 2016), the paper's classifier for WebVision (299x299, 50 classes).
+"""Inception-ResNet-v2 (Szegedy et al. 2016), the paper's classifier for WebVision (299x299, 50
+classes).
 
-The layout is the widely used one of TF-slim's `inception_resnet_v2` (also Keras' `InceptionResNetV2`
-and timm's `inception_resnet_v2`): stem, Mixed_5b, 10 x Inception-ResNet-A (block35), reduction
-Mixed_6a, 20 x Inception-ResNet-B (block17), reduction Mixed_7a, 10 x Inception-ResNet-C (block8),
-1x1 conv to 1536 channels, global average pool (the features) and a linear classifier. At 299x299 the
-grids are 35x35 (A), 17x17 (B) and 8x8 (C).
+The layout is the widely used one of TF-slim's `inception_resnet_v2` (also Keras'
+`InceptionResNetV2` and timm's `inception_resnet_v2`): stem, Mixed_5b, 10 x Inception-ResNet-A
+(block35), reduction Mixed_6a, 20 x Inception-ResNet-B (block17), reduction Mixed_7a, 10 x
+Inception-ResNet-C (block8), 1x1 conv to 1536 channels, global average pool (the features) and a
+linear classifier. At 299x299 the grids are 35x35 (A), 17x17 (B) and 8x8 (C).
 
 Initialisation is random, as in the paper's WebVision runs, and the public implementations disagree
 (TF-slim and Keras: Glorot uniform; timm: PyTorch's default). Convolutions here get Kaiming-normal
@@ -27,8 +28,8 @@ import jax.numpy as jnp
 from mln_jax import layers
 
 # The smallest input side every valid (unpadded) convolution and pool can take: Mixed_7a's stride-2
-# 3x3 needs a 3x3 grid, so Mixed_6a needs 7, maxpool_5a 15, conv2d_4a 17, maxpool_3a 35, conv2d_2a 37
-# and conv2d_1a 75 (out = (in − 3) // 2 + 1 for the stride-2 ones, in − 2 for the others).
+# 3x3 needs a 3x3 grid, so Mixed_6a needs 7, maxpool_5a 15, conv2d_4a 17, maxpool_3a 35, conv2d_2a
+# 37 and conv2d_1a 75 (out = (in − 3) // 2 + 1 for the stride-2 ones, in − 2 for the others).
 MIN_INPUT_SIZE = 75
 
 # Branches of the residual blocks as (features, kernel) per conv, from TF-slim's block35/17/8.
@@ -58,14 +59,16 @@ class BasicConv(nn.Module):
     x = nn.Conv(self.features, self.kernel_size, strides=self.strides, padding=self.padding,
                 use_bias=False, kernel_init=layers.kaiming_normal_fan_out, dtype=self.dtype,
                 name="conv")(x)
-    x = layers.BatchNorm(use_running_average=not train, epsilon=1e-3, dtype=self.dtype, name="bn")(x)
+    x = layers.BatchNorm(use_running_average=not train, epsilon=1e-3, dtype=self.dtype,
+                         name="bn")(x)
     return nn.relu(x)
 
 
 class InceptionResNetBlock(nn.Module):
   """Inception-ResNet-A/B/C: parallel conv branches, concatenated, projected back to the input width
-  by a 1x1 conv with bias and no BatchNorm, scaled and added to the input; then ReLU unless `relu` is
-  False. Scaling the residual (0.1–0.3) is the paper's fix for instability of wide residual Inceptions.
+  by a 1x1 conv with bias and no BatchNorm, scaled and added to the input; then ReLU unless `relu`
+  is False. Scaling the residual (0.1–0.3) is the paper's fix for instability of wide residual
+  Inceptions.
   """
   branches: Sequence[Sequence[tuple[int, tuple[int, int]]]]
   scale: float
@@ -91,8 +94,8 @@ class InceptionResNetBlock(nn.Module):
 
 
 def _avg_pool_3x3(x: jax.Array) -> jax.Array:
-  # Stride 1, padding 1, padded cells excluded from the mean: TF's 'SAME' average pool (TF-slim, Keras)
-  # and timm's `count_include_pad=False` agree on this, so border pixels are not darkened.
+  # Stride 1, padding 1, padded cells excluded from the mean: TF's 'SAME' average pool (TF-slim,
+  # Keras) and timm's `count_include_pad=False` agree on this, so border pixels are not darkened.
   return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
 
 
@@ -101,7 +104,8 @@ def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
 
 
 class Mixed5b(nn.Module):
-  """Stem output -> 320 channels: 1x1 96 | 1x1 48, 5x5 64 | 1x1 64, 3x3 96, 3x3 96 | avgpool, 1x1 64."""
+  """Stem output -> 320 channels: 1x1 96 | 1x1 48, 5x5 64 | 1x1 64, 3x3 96, 3x3 96 | avgpool, 1x1
+  64."""
   width_multiplier: float = 1.0
   dtype: Any = None
 
@@ -173,8 +177,8 @@ class InceptionResNetV2(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
     if x.ndim != 4 or min(x.shape[1:3]) < MIN_INPUT_SIZE:
       raise ValueError(f"InceptionResNetV2 needs NHWC images of at least {MIN_INPUT_SIZE}x"
-                       f"{MIN_INPUT_SIZE} pixels (its unpadded convolutions and pools shrink smaller "
-                       f"ones to nothing); got input shape {x.shape}.")
+                       f"{MIN_INPUT_SIZE} pixels (its unpadded convolutions and pools shrink "
+                       f"smaller ones to nothing); got input shape {x.shape}.")
     w = functools.partial(_width, multiplier=self.width_multiplier)
     conv = functools.partial(BasicConv, dtype=self.dtype)
     block = functools.partial(InceptionResNetBlock, width_multiplier=self.width_multiplier,
@@ -198,7 +202,8 @@ class InceptionResNetV2(nn.Module):
       x = block(_BLOCK17_BRANCHES, scale=0.10, name=f"block17_{i}")(x, train)
     x = Mixed7a(**stage_args, name="mixed_7a")(x, train)
     for i in range(self.num_block8):
-      # TF-slim, Keras and timm all end with an unscaled (scale 1.0), ReLU-free block8; we follow them.
+      # TF-slim, Keras and timm all end with an unscaled (scale 1.0), ReLU-free block8; we follow
+      # them.
       last = i == self.num_block8 - 1
       x = block(_BLOCK8_BRANCHES, scale=1.0 if last else 0.20, relu=not last,
                 name=f"block8_{i}")(x, train)

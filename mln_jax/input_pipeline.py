@@ -1,10 +1,11 @@
 """tf.data input pipelines that stream image lists (`file_lists`) from disk to the devices.
 
 Why plain tf.data over a list of files rather than a tfds builder: Clothing1M and WebVision come as
-folders of JPEGs with label lists, which tfds would first copy into TFRecords (hundreds of GB, hours).
-Reading the authors' files directly needs no preparation step, and a list makes the order exact: every
-epoch's order and flips are drawn in NumPy from `(seed, epoch)`, so a stream is the same on every run
-and can be resumed mid-epoch by skipping the steps already taken (before any image is decoded).
+folders of JPEGs with label lists, which tfds would first copy into TFRecords (hundreds of GB,
+hours). Reading the authors' files directly needs no preparation step, and a list makes the order
+exact: every epoch's order and flips are drawn in NumPy from `(seed, epoch)`, so a stream is the
+same on every run and can be resumed mid-epoch by skipping the steps already taken (before any image
+is decoded).
 
 Each process (host) reads only its own slice of every global batch; `device_batches` assembles the
 slices into global arrays sharded over a `Mesh` and keeps a few batches in flight to the devices.
@@ -213,8 +214,8 @@ def decode_all(images: ImageList, prep: Preprocessing, batch_size: int = 256) ->
 
 
 def eval_batches(images: ImageList, batch_size: int, prep: Preprocessing) -> Stream:
-  """The whole list once, in order, without flips (`index`: positions in the list); the last batch is
-  padded with `valid = False`."""
+  """The whole list once, in order, without flips (`index`: positions in the list); the last batch
+  is padded with `valid = False`."""
   prep = dataclasses.replace(prep, hflip=False)
   num_steps = -(-len(images) // batch_size)
   positions = np.arange(num_steps * batch_size).reshape(num_steps, batch_size)

@@ -37,9 +37,9 @@ class BatchNorm(nn.Module):
   """PyTorch's BatchNorm over all axes but the last: normalises with the batch's biased variance
   (two-pass), while the running variance it keeps is the unbiased one; momentum 0.1, eps 1e-5.
 
-  Flax's `nn.BatchNorm` keeps the biased variance, which shifts inference-mode outputs (evaluation and
-  the frozen extractor) by a factor sqrt(n/(n−1)) at small n — 0.4% for the FC layer at batch 128.
-  Statistics are over the global batch, also when the batch is sharded over devices.
+  Flax's `nn.BatchNorm` keeps the biased variance, which shifts inference-mode outputs (evaluation
+  and the frozen extractor) by a factor sqrt(n/(n−1)) at small n — 0.4% for the FC layer at batch
+  128. Statistics are over the global batch, also when the batch is sharded over devices.
   """
   use_running_average: bool
   momentum: float = 0.1

@@ -3,7 +3,8 @@ every epoch, model selection by meta accuracy, checkpoints, resume and results.
 
 A source (`in_memory.InMemorySource`, `streamed.StreamedSource`) gives the loop its data as a
 `dataset.Dataset` per run, fresh states, the chunks of an epoch (a whole jitted epoch in memory;
-logging windows of single steps when streamed) and evaluations. A method (`mln_jax.methods`) gives it
+logging windows of single steps when streamed) and evaluations. A method (`mln_jax.methods`) gives
+it
 phases: which step to run, on which samples, with or without meta batches. The loop owns everything
 else, the same way for both: workdir checks, checkpoints (`orbax`; resumed bitwise, also mid-epoch),
 preemption notices, the non-finite check, logging windows, one record per epoch, TensorBoard
@@ -94,9 +95,9 @@ def train_and_evaluate(configs: list[ml_collections.ConfigDict], workdir: str, s
 
   Each run gets its folder (`workdir` for one run, `workdir/run_<i>` for several) with config.json,
   labels.npz, TensorBoard files, soft_labels.npz where the method has soft labels, and results.json:
-  the per-epoch history (epochs counted from 1), top-1 and top-5 accuracy on the meta split and every
-  test split at the best meta epoch and at the last epoch, label-issue precision/recall where clean
-  labels are known, times and the environment. The (stacked) state is checkpointed in
+  the per-epoch history (epochs counted from 1), top-1 and top-5 accuracy on the meta split and
+  every test split at the best meta epoch and at the last epoch, label-issue precision/recall where
+  clean labels are known, times and the environment. The (stacked) state is checkpointed in
   `workdir/checkpoints`. Returns the runs' results.
   """
   with jax.default_matmul_precision(configs[0].matmul_precision):

@@ -1,4 +1,5 @@
-"""The losses of MetaLabelNet (SPEC, phase 2), each averaged as the reference implementation does."""
+"""The losses of MetaLabelNet (SPEC, phase 2), each averaged as the reference implementation
+does."""
 
 import jax
 import jax.numpy as jnp

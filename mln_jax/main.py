@@ -1,4 +1,5 @@
-"""Command line: `python -m mln_jax.main --config=configs/cifar10.py --workdir=DIR [--config.KEY=VALUE]`."""
+"""Command line: `python -m mln_jax.main --config=configs/cifar10.py --workdir=DIR
+[--config.KEY=VALUE]`."""
 
 from absl import app, flags, logging
 import jax
@@ -7,8 +8,10 @@ from ml_collections import config_flags
 from mln_jax import experiment
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and results; a run resumes there.")
-config_flags.DEFINE_config_file("config", None, "A config file with get_config().", lock_config=True)
+flags.DEFINE_string("workdir", None,
+                    "Folder for checkpoints, metrics and results; a run resumes there.")
+config_flags.DEFINE_config_file("config", None, "A config file with get_config().",
+                                lock_config=True)
 flags.DEFINE_bool("multihost", False,
                   "Start with jax.distributed.initialize(): one process per host (a TPU pod slice, "
                   "several GPU nodes). Each process reads its share of every batch; process 0 "

@@ -32,7 +32,8 @@ def _dense(features: int, in_features: int, dtype: Any = None) -> nn.Dense:
 
 
 class ConvBNClassifier(nn.Module):
-  """VGG-style CNN: blocks of 3x3 conv+BN+ReLU, 2x2 max-pool after each block, FC+BN+ReLU features, FC.
+  """VGG-style CNN: blocks of 3x3 conv+BN+ReLU, 2x2 max-pool after each block, FC+BN+ReLU features,
+  FC.
 
   `CifarCNN` is the paper's 8-layer CIFAR-10 network: blocks (64, 64), (128, 128), (196, 196),
   FC 3136 -> 256 -> 10.
@@ -57,11 +58,13 @@ class ConvBNClassifier(nn.Module):
     return layers.at_least_float32(logits), layers.at_least_float32(features)
 
 
-CifarCNN = functools.partial(ConvBNClassifier, blocks=((64, 64), (128, 128), (196, 196)), feature_dim=256)
+CifarCNN = functools.partial(ConvBNClassifier, blocks=((64, 64), (128, 128), (196, 196)),
+                             feature_dim=256)
 
 
 class MLPClassifier(nn.Module):
-  """A BatchNorm-free multilayer perceptron on flattened images (a second architecture for tests)."""
+  """A BatchNorm-free multilayer perceptron on flattened images (a second architecture for
+  tests)."""
   num_classes: int
   hidden: Sequence[int] = (64, 32)
   dtype: Any = None  # compute dtype (None: that of inputs and parameters); parameters stay float32
@@ -79,8 +82,8 @@ class MLPClassifier(nn.Module):
 class MetaLabelNet(nn.Module):
   """The soft-label generator: one linear layer on extractor features; returns soft-label logits.
 
-  The soft labels are `softmax` of the output (SPEC: `ŷ = softmax(W e + b)`); logits are returned so that
-  `log ŷ` can be taken stably with `log_softmax`.
+  The soft labels are `softmax` of the output (SPEC: `ŷ = softmax(W e + b)`); logits are returned so
+  that `log ŷ` can be taken stably with `log_softmax`.
   """
   num_classes: int
 
@@ -93,8 +96,8 @@ MODEL_NAMES = ("cifar_cnn", "conv_bn", "mlp", "resnet50", "resnet", "inception_r
 
 
 def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-  """Builds a classifier by name (MODEL_NAMES): the paper's CIFAR CNN, a configurable conv-BN CNN, an
-  MLP, ResNet-50 (Clothing1M), a ResNet of any depth, or Inception-ResNet-v2 (WebVision)."""
+  """Builds a classifier by name (MODEL_NAMES): the paper's CIFAR CNN, a configurable conv-BN CNN,
+  an MLP, ResNet-50 (Clothing1M), a ResNet of any depth, or Inception-ResNet-v2 (WebVision)."""
   if name == "cifar_cnn":
     return CifarCNN(num_classes=num_classes, **kwargs)
   if name == "conv_bn":
@@ -106,7 +109,8 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
                                                                       **kwargs)
   if name == "inception_resnet_v2":
     return inception_resnet.InceptionResNetV2(num_classes=num_classes, **kwargs)
-  raise ValueError(f"Unknown model {name!r}: choose one of {MODEL_NAMES} (--config.model.name=...).")
+  raise ValueError(f"Unknown model {name!r}: choose one of {MODEL_NAMES} "
+                   "(--config.model.name=...).")
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:

@@ -11,15 +11,15 @@ import pathlib
 
 import numpy as np
 
-NOISE_KINDS = ('none', 'uniform', 'feature_dependent', 'class_dependent', 'given')
+NOISE_KINDS = ("none", "uniform", "feature_dependent", "class_dependent", "given")
 # The kinds that noise.rate sets (for 'none' and 'given' only the realised rate means anything).
-RATED_KINDS = ('uniform', 'feature_dependent', 'class_dependent')
+RATED_KINDS = ("uniform", "feature_dependent", "class_dependent")
 
 # Source class -> noisy class of the reference's class-dependent noise: bird->airplane, cat->dog,
 # deer->horse, dog->cat, truck->automobile.
 CIFAR10_PAIR_FLIPS = {2: 0, 3: 5, 4: 7, 5: 3, 9: 1}
 
-_TEXT_SUFFIXES = ('.txt', '.csv')
+_TEXT_SUFFIXES = (".txt", ".csv")
 # The pack's README bounds the error of its probability recovery by 1e-7, so a recovered value below
 # this cannot be told apart from an exact zero.
 _RECOVERY_ZERO_TOL = 1e-7
@@ -34,7 +34,7 @@ def _floor_count(x: float) -> int:
 
 def _check_rate(rate: float) -> None:
   if not 0.0 <= rate <= 1.0:  # Also rejects NaN.
-    raise ValueError(f'noise rate must lie in [0, 1], got {rate}')
+    raise ValueError(f"noise rate must lie in [0, 1], got {rate}")
 
 
 def _check_range(labels: np.ndarray, num_classes: int, what: str) -> None:
@@ -42,25 +42,25 @@ def _check_range(labels: np.ndarray, num_classes: int, what: str) -> None:
   if bad.size:
     i = bad[0]
     raise ValueError(
-        f'{what}: label {labels[i]} at index {i} is outside [0, {num_classes}) '
-        f'({bad.size} labels out of range in all)')
+        f"{what}: label {labels[i]} at index {i} is outside [0, {num_classes}) "
+        f"({bad.size} labels out of range in all)")
 
 
 def _clean_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
   """Validated int32 copy of a 1-D array of clean labels in [0, num_classes)."""
   labels = np.asarray(labels)
-  if labels.ndim != 1 or labels.dtype.kind not in 'iu':
+  if labels.ndim != 1 or labels.dtype.kind not in "iu":
     raise ValueError(
-        f'labels must be a 1-D integer array, got shape {labels.shape} and dtype {labels.dtype}')
+        f"labels must be a 1-D integer array, got shape {labels.shape} and dtype {labels.dtype}")
   if num_classes < 2:
-    raise ValueError(f'num_classes must be at least 2, got {num_classes}')
-  _check_range(labels, num_classes, 'clean labels')
+    raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+  _check_range(labels, num_classes, "clean labels")
   return labels.astype(np.int32)
 
 
 def _top(indices: np.ndarray, values: np.ndarray, k: int) -> np.ndarray:
   """The k entries of `indices` with the largest `values`; among ties the later entry wins."""
-  return indices[np.argsort(values, kind='stable')[indices.size - k:]]
+  return indices[np.argsort(values, kind="stable")[indices.size - k:]]
 
 
 def uniform_noise(labels: np.ndarray, rate: float, num_classes: int, seed: int) -> np.ndarray:
@@ -95,18 +95,18 @@ def feature_dependent_noise(
   _check_rate(rate)
   probs = np.asarray(probs)
   if probs.ndim != 2:
-    raise ValueError(f'probs must have shape (num_samples, num_classes), got {probs.shape}')
+    raise ValueError(f"probs must have shape (num_samples, num_classes), got {probs.shape}")
   num_samples, num_classes = probs.shape
   clean = _clean_labels(labels, num_classes)
   if num_samples != clean.size:
-    raise ValueError(f'probs must have shape {(clean.size, num_classes)}, got {probs.shape}')
+    raise ValueError(f"probs must have shape {(clean.size, num_classes)}, got {probs.shape}")
   if not np.all(np.isfinite(probs)):
-    raise ValueError('probs must be finite')
+    raise ValueError("probs must be finite")
   noisy = clean.copy()
 
   # Stable like the reference's np.argsort on rows this short (numpy sorts them by insertion), so of
   # tied classes the later one ranks higher: it decides t2 for every one-hot row.
-  order = np.argsort(probs, axis=1, kind='stable')
+  order = np.argsort(probs, axis=1, kind="stable")
   t1, t2 = order[:, -1], order[:, -2]
   num = _floor_count(num_samples * rate)
   wrong = np.flatnonzero(t1 != clean)
@@ -144,7 +144,7 @@ def class_dependent_noise(
   for source, target in pairs.items():
     if not (0 <= source < num_classes and 0 <= target < num_classes) or source == target:
       raise ValueError(
-          f'pair flip {source} -> {target} must map a class in [0, {num_classes}) to another one')
+          f"pair flip {source} -> {target} must map a class in [0, {num_classes}) to another one")
   noisy = clean.copy()
   rng = np.random.default_rng(seed)
   # Sorted, so the draws do not depend on the mapping's insertion order.
@@ -158,33 +158,33 @@ def class_dependent_noise(
 def _read_label_file(path: str | os.PathLike) -> np.ndarray:
   """The raw array in a `.npy`, `.npz` (`file.npz` or `file.npz:key`) or `.txt`/`.csv` file."""
   file, key = str(path), None
-  stem, sep, suffix_key = file.rpartition(':')
-  if sep and stem.endswith('.npz'):
+  stem, sep, suffix_key = file.rpartition(":")
+  if sep and stem.endswith(".npz"):
     file, key = stem, suffix_key
   file = pathlib.Path(file)
   if not file.is_file():
-    raise FileNotFoundError(f'noisy-label file not found: {file}')
+    raise FileNotFoundError(f"noisy-label file not found: {file}")
 
   suffix = file.suffix.lower()
-  if suffix == '.npy':
+  if suffix == ".npy":
     return np.load(file, allow_pickle=False)
-  if suffix == '.npz':
+  if suffix == ".npz":
     with np.load(file, allow_pickle=False) as archive:
       if key is None:
         if len(archive.files) != 1:
           raise ValueError(
-              f'{file} holds arrays {archive.files}: name one as {file}:<key>')
+              f"{file} holds arrays {archive.files}: name one as {file}:<key>")
         key = archive.files[0]
       if key not in archive.files:
-        raise ValueError(f'{file} has no array {key!r}; it holds {archive.files}')
+        raise ValueError(f"{file} has no array {key!r}; it holds {archive.files}")
       return archive[key]
   if suffix in _TEXT_SUFFIXES:
-    tokens = file.read_text().replace(',', ' ').split()
+    tokens = file.read_text().replace(",", " ").split()
     try:
       return np.array(tokens, dtype=np.float64)
     except ValueError as e:
-      raise ValueError(f'{file}: every entry must be a number ({e})') from None
-  raise ValueError(f'{file}: unsupported file type; use .npy, .npz, or one of {_TEXT_SUFFIXES}')
+      raise ValueError(f"{file}: every entry must be a number ({e})") from None
+  raise ValueError(f"{file}: unsupported file type; use .npy, .npz, or one of {_TEXT_SUFFIXES}")
 
 
 def load_noisy_labels(path: str | os.PathLike, num_samples: int, num_classes: int) -> np.ndarray:
@@ -195,17 +195,17 @@ def load_noisy_labels(path: str | os.PathLike, num_samples: int, num_classes: in
   """
   labels = _read_label_file(path)
   if labels.ndim != 1:
-    raise ValueError(f'{path}: noisy labels must be 1-D, got shape {labels.shape}')
-  if labels.dtype.kind == 'f':
+    raise ValueError(f"{path}: noisy labels must be 1-D, got shape {labels.shape}")
+  if labels.dtype.kind == "f":
     bad = np.flatnonzero(~np.isfinite(labels) | (labels != np.round(labels)))
     if bad.size:
       raise ValueError(
-          f'{path}: noisy labels must be integers, got {labels[bad[0]]} at index {bad[0]}')
-  elif labels.dtype.kind not in 'iu':
-    raise ValueError(f'{path}: noisy labels must be integers, got dtype {labels.dtype}')
+          f"{path}: noisy labels must be integers, got {labels[bad[0]]} at index {bad[0]}")
+  elif labels.dtype.kind not in "iu":
+    raise ValueError(f"{path}: noisy labels must be integers, got dtype {labels.dtype}")
   if labels.size != num_samples:
     raise ValueError(
-        f'{path}: {labels.size} noisy labels for a training set of {num_samples} samples; the '
+        f"{path}: {labels.size} noisy labels for a training set of {num_samples} samples; the "
         "labels must be one per training sample, in the dataset's original training order")
   _check_range(labels, num_classes, str(path))
   return labels.astype(np.int32)
@@ -229,15 +229,15 @@ def student_probabilities(path: str | os.PathLike, *, recover: bool = False) -> 
   """
   path = pathlib.Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f'student probabilities not found: {path}. They come with the shared '
-                            'CIFAR-10 pack; for another copy of CIFAR-10 set '
-                            '--config.noise.probabilities to an (N, C) .npy file or clean_model.')
+    raise FileNotFoundError(f"student probabilities not found: {path}. They come with the shared "
+                            "CIFAR-10 pack; for another copy of CIFAR-10 set "
+                            "--config.noise.probabilities to an (N, C) .npy file or clean_model.")
   with np.load(path, allow_pickle=False) as archive:
-    if 'student_probs' not in archive.files:
+    if "student_probs" not in archive.files:
       raise ValueError(f"{path} has no array 'student_probs'; it holds {archive.files}")
-    stored = archive['student_probs']
+    stored = archive["student_probs"]
   if stored.ndim != 2:
-    raise ValueError(f'{path}: student_probs must be 2-D (N, C), got shape {stored.shape}')
+    raise ValueError(f"{path}: student_probs must be 2-D (N, C), got shape {stored.shape}")
   if not recover:
     return stored
   log_s = np.log(stored.astype(np.float64))
@@ -253,7 +253,7 @@ def realised_noise_rate(clean: np.ndarray, noisy: np.ndarray) -> float:
   """
   clean, noisy = np.asarray(clean), np.asarray(noisy)
   if clean.shape != noisy.shape:
-    raise ValueError(f'clean and noisy labels differ in shape: {clean.shape} vs {noisy.shape}')
+    raise ValueError(f"clean and noisy labels differ in shape: {clean.shape} vs {noisy.shape}")
   labelled = noisy >= 0
   if not labelled.any():
     return 0.0
@@ -280,18 +280,18 @@ def make_noisy_labels(
   _check_rate(rate)
   clean = _clean_labels(clean_labels, num_classes)
 
-  if kind == 'none':
+  if kind == "none":
     return clean
-  if kind == 'uniform':
+  if kind == "uniform":
     return uniform_noise(clean, rate, num_classes, seed)
-  if kind == 'feature_dependent':
+  if kind == "feature_dependent":
     expected = (clean.size, num_classes)
     if probs is None:
       raise ValueError(f"noise kind 'feature_dependent' needs probs of shape {expected}")
     if np.shape(probs) != expected:
-      raise ValueError(f'probs must have shape {expected}, got {np.shape(probs)}')
+      raise ValueError(f"probs must have shape {expected}, got {np.shape(probs)}")
     return feature_dependent_noise(clean, probs, rate, seed)
-  if kind == 'class_dependent':
+  if kind == "class_dependent":
     return class_dependent_noise(clean, rate, seed, num_classes=num_classes)
   if path is None:
     raise ValueError("noise kind 'given' needs the path of a noisy-label file: set "

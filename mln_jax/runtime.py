@@ -76,7 +76,8 @@ def run_environment(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def run_dirs(workdir: str, num_runs: int) -> list[str]:
-  """Each run's folder: `workdir` itself for one run, `workdir/run_<i>` for runs trained together."""
+  """Each run's folder: `workdir` itself for one run, `workdir/run_<i>` for runs trained
+  together."""
   if num_runs == 1:
     return [workdir]
   return [os.path.join(workdir, f"run_{index}") for index in range(num_runs)]
@@ -100,7 +101,8 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, checkp
     if (ocp.utils.checkpoint_steps(checkpoint_dir)
         or os.path.exists(os.path.join(workdir, RESULTS_FILE))):
       raise ValueError(f"{workdir} holds a run with a different config (differs in: "
-                       f"{', '.join(changed)}). Resume with the same config or use a new --workdir.")
+                       f"{', '.join(changed)}). Resume with the same config or use a new "
+                       "--workdir.")
     logging.info("%s: no checkpoint yet, so the new config replaces the saved one (it differed "
                  "in %s).", workdir, ", ".join(changed))
   if write:

@@ -1,7 +1,7 @@
 """Pure training and evaluation steps: `(state, batch, ...) -> (state, metrics)`.
 
-Batches are dicts: `image` (float, normalised, NHWC) and `label` (int; −1 marks an unlabelled sample).
-All functions are jittable; `meta_step` is SPEC's phase-2 steps 1–7.
+Batches are dicts: `image` (float, normalised, NHWC) and `label` (int; −1 marks an unlabelled
+sample). All functions are jittable; `meta_step` is SPEC's phase-2 steps 1–7.
 """
 
 from __future__ import annotations
@@ -33,14 +33,15 @@ def _forward_train(state: TrainState, params: Any, images: jax.Array, stream: st
   """
   dropout_key = jax.random.fold_in(jax.random.fold_in(state.rng, _DROPOUT_STREAMS[stream]),
                                    state.step)
-  (logits, _), mutated = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, images,
-                                        train=True, mutable=["batch_stats"],
+  (logits, _), mutated = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
+                                        images, train=True, mutable=["batch_stats"],
                                         rngs={"dropout": dropout_key})
   return logits, mutated.get("batch_stats", {})
 
 
 def _labelled_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Accuracy of argmax(logits) over the samples with a label (label >= 0); 0 where there are none."""
+  """Accuracy of argmax(logits) over the samples with a label (label >= 0); 0 where there are
+  none."""
   labelled = labels >= 0
   hits = (jnp.argmax(logits, -1) == labels) & labelled
   return hits.sum() / jnp.maximum(labelled.sum(), 1)
@@ -76,17 +77,17 @@ def warmup_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
 def soft_label_logits(state: TrainState, mln_params: Any, images: jax.Array) -> jax.Array:
   """MetaLabelNet's logits for a batch: SLP on the frozen extractor's features (inference mode)."""
   if not state.extractor_frozen:
-    raise ValueError("The state has no frozen feature extractor: MetaLabelNet's soft labels come from "
-                     "the warmed-up classifier's features. Call freeze_extractor(state) after the "
-                     "warm-up (a cross-entropy run has no extractor, hence no soft labels).")
+    raise ValueError("The state has no frozen feature extractor: MetaLabelNet's soft labels come "
+                     "from the warmed-up classifier's features. Call freeze_extractor(state) after "
+                     "the warm-up (a cross-entropy run has no extractor, hence no soft labels).")
   _, features = state.apply_fn(state.extractor_variables, images, train=False)
   return state.mln_apply_fn({"params": mln_params}, jax.lax.stop_gradient(features))
 
 
 def inner_update(state: TrainState, images: jax.Array,
                  logits_loss: Callable[[jax.Array], jax.Array]) -> Any:
-  """SPEC step 3: θ' = θ − α ∇_θ L(f_θ(x)), one optax SGD update of the classifier on any loss of its
-  logits (MetaLabelNet: L_c against the soft labels; a reweighting method: a weighted
+  """SPEC step 3: θ' = θ − α ∇_θ L(f_θ(x)), one optax SGD update of the classifier on any loss of
+  its logits (MetaLabelNet: L_c against the soft labels; a reweighting method: a weighted
   cross-entropy). Differentiable in whatever `logits_loss` closes over."""
   def classification_loss(params):
     logits, _ = _forward_train(state, params, images)
@@ -99,13 +100,14 @@ def inner_update(state: TrainState, images: jax.Array,
 
 
 def meta_loss(state: TrainState, params: Any, meta_batch: Batch) -> tuple[jax.Array, jax.Array]:
-  """SPEC step 4: cross-entropy on the clean meta batch (BatchNorm in training mode, stats discarded).
-  Returns the loss and the logits."""
+  """SPEC step 4: cross-entropy on the clean meta batch (BatchNorm in training mode, stats
+  discarded). Returns the loss and the logits."""
   logits, _ = _forward_train(state, params, meta_batch["image"], stream="meta")
   return losses.cross_entropy(logits, meta_batch["label"]), logits
 
 
-def meta_gradient_autodiff(state: TrainState, images: jax.Array, meta_batch: Batch, meta_params: Any,
+def meta_gradient_autodiff(state: TrainState, images: jax.Array, meta_batch: Batch,
+                           meta_params: Any,
                            inner_loss_of: Callable[[Any], Callable[[jax.Array], jax.Array]]
                            ) -> tuple[jax.Array, Any, jax.Array]:
   """∇ L_meta with respect to `meta_params`, by `jax.grad` through the inner optax update (second
@@ -163,8 +165,8 @@ def mln_meta_gradient(state: TrainState, images: jax.Array, meta_batch: Batch, f
 def meta_step(state: TrainState, batch: Batch, meta_batch: Batch) -> tuple[TrainState, Metrics]:
   """Phase 2, SPEC steps 1–7, for one training batch (labels unused) and one clean meta batch.
 
-  1. ŷ = MLN(e(x)); 2–4. L_meta(θ − α∇_θ L_c(θ, ŷ)); 5. Adam step on φ with ∇_φ L_meta (second order);
-  6. ŷ' = MLN_new(e(x)); 7. SGD step on θ with L_c(θ, ŷ') + L_e(θ).
+  1. ŷ = MLN(e(x)); 2–4. L_meta(θ − α∇_θ L_c(θ, ŷ)); 5. Adam step on φ with ∇_φ L_meta (second
+  order); 6. ŷ' = MLN_new(e(x)); 7. SGD step on θ with L_c(θ, ŷ') + L_e(θ).
   """
   images = batch["image"]
   feature_logits_fn = lambda mln_params: soft_label_logits(state, mln_params, images)

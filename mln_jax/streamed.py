@@ -1,12 +1,12 @@
 """Datasets streamed from disk (Clothing1M, WebVision, your own image folders): the loop's streamed
 source, its jitted steps and list evaluation.
 
-Batches come from tf.data (`input_pipeline`, imported where files are read, so that the steps and the
-benchmark run where TensorFlow is absent). Steps are jitted with the state donated and the batch
+Batches come from tf.data (`input_pipeline`, imported where files are read, so that the steps and
+the benchmark run where TensorFlow is absent). Steps are jitted with the state donated and the batch
 sharded over all devices of a `Mesh`; with several processes (hosts), each reads its part of every
-batch. An epoch's chunks are its logging windows (`log_every_steps`); a preemption notice, asked after
-every step, ends a chunk early. The order of every epoch is a function of `(seed, epoch)`, so a
-resumed run skips the steps it has taken and ends bitwise equal to an uninterrupted one.
+batch. An epoch's chunks are its logging windows (`log_every_steps`); a preemption notice, asked
+after every step, ends a chunk early. The order of every epoch is a function of `(seed, epoch)`, so
+a resumed run skips the steps it has taken and ends bitwise equal to an uninterrupted one.
 """
 
 from __future__ import annotations

@@ -60,9 +60,11 @@ class TrainState:
   extractor_batch_stats: PyTree
   mln_params: PyTree
   mln_opt_state: optax.OptState
-  rng: jax.Array                  # The data stream: epoch e shuffles and augments with fold_in(rng, e).
+  rng: jax.Array                  # The data stream: epoch e shuffles and augments with
+                                  # fold_in(rng, e).
   # What other methods keep beside the classifier (a second network, a teacher, per-sample tables
-  # indexed by the batch's `index`): a pytree, checkpointed, donated and stacked per run like the rest.
+  # indexed by the batch's `index`): a pytree, checkpointed, donated and stacked per run like the
+  # rest.
   method_state: PyTree
   apply_fn: Callable[..., Any] = flax.struct.field(pytree_node=False)
   mln_apply_fn: Callable[..., Any] = flax.struct.field(pytree_node=False)

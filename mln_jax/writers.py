@@ -13,7 +13,8 @@ from absl import logging
 
 
 class NoSummaryWriter:
-  """Stands in for clu's writer where TensorFlow is missing: the log and results.json hold it all."""
+  """Stands in for clu's writer where TensorFlow is missing: the log and results.json hold it
+  all."""
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     del step, scalars

@@ -3,8 +3,8 @@
 import os
 import pathlib
 
-# Must happen before JAX initialises its backends: every test sees 4 CPU devices, so the data-parallel
-# tests can compare a sharded step with a single-device one in the same process.
+# Must happen before JAX initialises its backends: every test sees 4 CPU devices, so the
+# data-parallel tests can compare a sharded step with a single-device one in the same process.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

@@ -8,7 +8,8 @@ from mln_jax import augment
 
 
 def images(batch=16, size=6):
-  return jnp.arange(batch * size * size * 3, dtype=jnp.int32).reshape(batch, size, size, 3) % 251 + 1
+  pixels = jnp.arange(batch * size * size * 3, dtype=jnp.int32).reshape(batch, size, size, 3)
+  return pixels % 251 + 1
 
 
 def test_same_key_same_batch_and_different_keys_differ():

@@ -25,7 +25,7 @@ def _flat_image(value: int) -> np.ndarray:
 
 def _jpeg_bytes(image: np.ndarray) -> bytes:
   buf = io.BytesIO()
-  Image.fromarray(image).save(buf, format='JPEG', quality=75)
+  Image.fromarray(image).save(buf, format="JPEG", quality=75)
   return buf.getvalue()
 
 
@@ -33,7 +33,7 @@ def _encode(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
   """Concatenated JPEG bytes and offsets, as in the pack."""
   files = [_jpeg_bytes(image) for image in images]
   offsets = np.concatenate([[0], np.cumsum([len(f) for f in files])]).astype(np.int64)
-  return np.frombuffer(b''.join(files), np.uint8), offsets
+  return np.frombuffer(b"".join(files), np.uint8), offsets
 
 
 def _textured_image(seed: int) -> np.ndarray:
@@ -47,12 +47,12 @@ def _pack_arrays() -> dict[str, np.ndarray]:
   train_jpeg, train_offsets = _encode([_flat_image(20 * i) for i in range(_PACK_TRAIN)])
   test_jpeg, test_offsets = _encode([_flat_image(20 * i + 5) for i in range(_PACK_TEST)])
   return {
-      'train_jpeg': train_jpeg,
-      'train_offsets': train_offsets,
-      'train_label': np.arange(_PACK_TRAIN, dtype=np.int64) * 7 % 10,
-      'test_jpeg': test_jpeg,
-      'test_offsets': test_offsets,
-      'test_label': np.arange(_PACK_TEST, dtype=np.int64) % 10,
+      "train_jpeg": train_jpeg,
+      "train_offsets": train_offsets,
+      "train_label": np.arange(_PACK_TRAIN, dtype=np.int64) * 7 % 10,
+      "test_jpeg": test_jpeg,
+      "test_offsets": test_offsets,
+      "test_label": np.arange(_PACK_TEST, dtype=np.int64) % 10,
   }
 
 
@@ -64,12 +64,12 @@ def _write_pack(folder: pathlib.Path, arrays: dict[str, np.ndarray]) -> pathlib.
 
 @pytest.fixture
 def pack_dir(tmp_path) -> pathlib.Path:
-  return _write_pack(tmp_path / 'pack', _pack_arrays())
+  return _write_pack(tmp_path / "pack", _pack_arrays())
 
 
 def test_pack_loads_shapes_labels_and_order(pack_dir):
   ds = data.load_cifar10_pack(pack_dir)
-  assert ds.name == 'cifar10'
+  assert ds.name == "cifar10"
   assert ds.train_images.shape == (_PACK_TRAIN, 32, 32, 3)
   assert ds.heldout_images.shape == (_PACK_TEST, 32, 32, 3)
   assert ds.train_images.dtype == np.uint8 and ds.heldout_images.dtype == np.uint8
@@ -88,10 +88,10 @@ def test_pack_loads_shapes_labels_and_order(pack_dir):
 def test_pack_images_equal_direct_pillow_decode(pack_dir):
   arrays = _pack_arrays()
   ds = data.load_cifar10_pack(pack_dir, num_workers=1)
-  jpeg, offsets = arrays['train_jpeg'], arrays['train_offsets']
+  jpeg, offsets = arrays["train_jpeg"], arrays["train_offsets"]
   for i in range(_PACK_TRAIN):
     raw = jpeg[offsets[i]:offsets[i + 1]].tobytes()
-    expected = np.asarray(Image.open(io.BytesIO(raw)).convert('RGB'))
+    expected = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
     np.testing.assert_array_equal(ds.train_images[i], expected)
 
 
@@ -122,32 +122,32 @@ def test_decode_jpegs_reports_a_corrupt_file():
   jpeg, offsets = _encode([_textured_image(seed) for seed in range(6)])
   jpeg = jpeg.copy()
   jpeg[offsets[4]:offsets[4] + 4] = 0  # Destroy file 4's start-of-image marker.
-  with pytest.raises(ValueError, match='JPEG file 4'):
+  with pytest.raises(ValueError, match="JPEG file 4"):
     data.decode_jpegs(jpeg, offsets, num_workers=2, chunk_size=1)
 
 
 def test_pack_missing_folder_and_file(tmp_path):
-  with pytest.raises(FileNotFoundError, match=r'does not exist.*cifar10_jpeg\.npz'):
-    data.load_cifar10_pack(tmp_path / 'nowhere')
-  (tmp_path / 'empty').mkdir()
-  with pytest.raises(FileNotFoundError, match=r'empty.cifar10_jpeg\.npz not found.*must contain'):
-    data.load_cifar10_pack(tmp_path / 'empty')
+  with pytest.raises(FileNotFoundError, match=r"does not exist.*cifar10_jpeg\.npz"):
+    data.load_cifar10_pack(tmp_path / "nowhere")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match=r"empty.cifar10_jpeg\.npz not found.*must contain"):
+    data.load_cifar10_pack(tmp_path / "empty")
 
 
 def test_pack_missing_key(tmp_path):
   arrays = _pack_arrays()
-  del arrays['test_label']
+  del arrays["test_label"]
   with pytest.raises(ValueError, match="lacks key.*'test_label'"):
     data.load_cifar10_pack(_write_pack(tmp_path, arrays))
 
 
-@pytest.mark.parametrize('key, change, message', [
-    ('train_offsets', lambda o: o[:-1], 'describes'),          # Fewer images than labels.
-    ('train_offsets', lambda o: o + 1, 'from 0 to len'),       # Shifted off the byte array.
-    ('test_offsets', lambda o: np.append(o[:-1], o[-1] + 9), 'from 0 to len'),  # Past the end.
-    ('test_offsets', lambda o: o[[0, 2, 1] + list(range(3, len(o)))], 'strictly increasing'),
-    ('train_label', lambda l: l[:-1], 'describes'),
-    ('train_label', lambda l: l.astype(np.float32), 'integer'),
+@pytest.mark.parametrize("key, change, message", [
+    ("train_offsets", lambda o: o[:-1], "describes"),          # Fewer images than labels.
+    ("train_offsets", lambda o: o + 1, "from 0 to len"),       # Shifted off the byte array.
+    ("test_offsets", lambda o: np.append(o[:-1], o[-1] + 9), "from 0 to len"),  # Past the end.
+    ("test_offsets", lambda o: o[[0, 2, 1] + list(range(3, len(o)))], "strictly increasing"),
+    ("train_label", lambda l: l[:-1], "describes"),
+    ("train_label", lambda l: l.astype(np.float32), "integer"),
 ])
 def test_pack_inconsistent_arrays(tmp_path, key, change, message):
   arrays = _pack_arrays()
@@ -158,21 +158,21 @@ def test_pack_inconsistent_arrays(tmp_path, key, change, message):
 
 def test_pack_label_out_of_range(tmp_path):
   arrays = _pack_arrays()
-  arrays['test_label'] = arrays['test_label'] + 10
-  with pytest.raises(ValueError, match=r'outside \[0, 10\)'):
+  arrays["test_label"] = arrays["test_label"] + 10
+  with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
     data.load_cifar10_pack(_write_pack(tmp_path, arrays))
 
 
 def test_pack_wrong_image_size(tmp_path):
   arrays = _pack_arrays()
-  arrays['test_jpeg'], arrays['test_offsets'] = _encode([np.zeros((16, 16, 3), np.uint8)] * 7)
-  with pytest.raises(ValueError, match=r'\(16, 16, 3\)'):
+  arrays["test_jpeg"], arrays["test_offsets"] = _encode([np.zeros((16, 16, 3), np.uint8)] * 7)
+  with pytest.raises(ValueError, match=r"\(16, 16, 3\)"):
     data.load_cifar10_pack(_write_pack(tmp_path, arrays))
 
 
 def test_pack_not_a_zip(tmp_path):
-  (tmp_path / data.CIFAR10_PACK_FILE).write_bytes(b'not a zip archive')
-  with pytest.raises(ValueError, match='not an .npz'):
+  (tmp_path / data.CIFAR10_PACK_FILE).write_bytes(b"not a zip archive")
+  with pytest.raises(ValueError, match="not an .npz"):
     data.load_cifar10_pack(tmp_path)
 
 
@@ -185,33 +185,33 @@ _BATCH = 20
 def _batch_dict(seed: int, num: int = _BATCH) -> dict[bytes, object]:
   rng = np.random.default_rng(seed)
   return {
-      b'batch_label': f'batch {seed}'.encode(),
-      b'labels': [int(x) for x in rng.integers(0, 10, num)],  # A list, as in the release.
-      b'data': rng.integers(0, 256, (num, 3072), dtype=np.uint8),
-      b'filenames': [f'{seed}_{i}.png'.encode() for i in range(num)],
+      b"batch_label": f"batch {seed}".encode(),
+      b"labels": [int(x) for x in rng.integers(0, 10, num)],  # A list, as in the release.
+      b"data": rng.integers(0, 256, (num, 3072), dtype=np.uint8),
+      b"filenames": [f"{seed}_{i}.png".encode() for i in range(num)],
   }
 
 
 def _write_python_folder(folder: pathlib.Path) -> dict[str, dict[bytes, object]]:
   """Writes a tiny `cifar-10-batches-py`; returns the batches written, by file name."""
   folder.mkdir(parents=True)
-  batches = {f'data_batch_{i}': _batch_dict(i) for i in range(1, 6)}
-  batches['test_batch'] = _batch_dict(99)
+  batches = {f"data_batch_{i}": _batch_dict(i) for i in range(1, 6)}
+  batches["test_batch"] = _batch_dict(99)
   # A known pixel: image 0 of data_batch_1 at row 2, column 5 is (R, G, B) = (200, 100, 50).
   pixel = 2 * 32 + 5
-  batches['data_batch_1'][b'data'][0, [pixel, 1024 + pixel, 2048 + pixel]] = (200, 100, 50)
+  batches["data_batch_1"][b"data"][0, [pixel, 1024 + pixel, 2048 + pixel]] = (200, 100, 50)
   for name, batch in batches.items():
-    with open(folder / name, 'wb') as f:
+    with open(folder / name, "wb") as f:
       pickle.dump(batch, f)
-  meta = {b'label_names': [n.encode() for n in data.CIFAR10_CLASS_NAMES],
-          b'num_cases_per_batch': _BATCH, b'num_vis': 3072}
-  with open(folder / 'batches.meta', 'wb') as f:
+  meta = {b"label_names": [n.encode() for n in data.CIFAR10_CLASS_NAMES],
+          b"num_cases_per_batch": _BATCH, b"num_vis": 3072}
+  with open(folder / "batches.meta", "wb") as f:
     pickle.dump(meta, f)
   return batches
 
 
 def test_python_loader_layout_and_order(tmp_path):
-  folder = tmp_path / 'cifar-10-batches-py'
+  folder = tmp_path / "cifar-10-batches-py"
   batches = _write_python_folder(folder)
   ds = data.load_cifar10_python(folder)
   assert ds.train_images.shape == (5 * _BATCH, 32, 32, 3)
@@ -220,51 +220,51 @@ def test_python_loader_layout_and_order(tmp_path):
   assert ds.class_names == data.CIFAR10_CLASS_NAMES and ds.num_classes == 10
   np.testing.assert_array_equal(ds.train_images[0, 2, 5], (200, 100, 50))
   # Every pixel: row entry c * 1024 + h * 32 + w is channel c of pixel (h, w).
-  train_rows = np.concatenate([batches[f'data_batch_{i}'][b'data'] for i in range(1, 6)])
+  train_rows = np.concatenate([batches[f"data_batch_{i}"][b"data"] for i in range(1, 6)])
   n, h, w, c = np.meshgrid(np.arange(5 * _BATCH), np.arange(32), np.arange(32), np.arange(3),
-                           indexing='ij')
+                           indexing="ij")
   np.testing.assert_array_equal(ds.train_images[n, h, w, c], train_rows[n, c * 1024 + h * 32 + w])
   np.testing.assert_array_equal(
-      ds.train_labels, sum((batches[f'data_batch_{i}'][b'labels'] for i in range(1, 6)), []))
-  np.testing.assert_array_equal(ds.heldout_labels, batches['test_batch'][b'labels'])
+      ds.train_labels, sum((batches[f"data_batch_{i}"][b"labels"] for i in range(1, 6)), []))
+  np.testing.assert_array_equal(ds.heldout_labels, batches["test_batch"][b"labels"])
   np.testing.assert_array_equal(ds.heldout_images[3, 31, 0, 2],
-                                batches['test_batch'][b'data'][3, 2048 + 31 * 32])
+                                batches["test_batch"][b"data"][3, 2048 + 31 * 32])
 
 
 def test_python_loader_missing_batch_file(tmp_path):
-  folder = tmp_path / 'cifar-10-batches-py'
+  folder = tmp_path / "cifar-10-batches-py"
   _write_python_folder(folder)
-  (folder / 'data_batch_3').unlink()
-  with pytest.raises(FileNotFoundError, match='data_batch_3 not found.*must contain'):
+  (folder / "data_batch_3").unlink()
+  with pytest.raises(FileNotFoundError, match="data_batch_3 not found.*must contain"):
     data.load_cifar10_python(folder)
-  with pytest.raises(FileNotFoundError, match='does not exist'):
-    data.load_cifar10_python(tmp_path / 'nowhere')
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    data.load_cifar10_python(tmp_path / "nowhere")
 
 
 def test_python_loader_wrong_data_shape(tmp_path):
-  folder = tmp_path / 'cifar-10-batches-py'
+  folder = tmp_path / "cifar-10-batches-py"
   _write_python_folder(folder)
   batch = _batch_dict(4)
-  batch[b'data'] = batch[b'data'][:, :3000]
-  with open(folder / 'data_batch_4', 'wb') as f:
+  batch[b"data"] = batch[b"data"][:, :3000]
+  with open(folder / "data_batch_4", "wb") as f:
     pickle.dump(batch, f)
-  with pytest.raises(ValueError, match=r'data_batch_4.*\(N, 3072\)'):
+  with pytest.raises(ValueError, match=r"data_batch_4.*\(N, 3072\)"):
     data.load_cifar10_python(folder)
 
 
 def test_python_loader_label_count_mismatch_and_garbage(tmp_path):
-  folder = tmp_path / 'cifar-10-batches-py'
+  folder = tmp_path / "cifar-10-batches-py"
   _write_python_folder(folder)
   batch = _batch_dict(2)
-  batch[b'labels'] = batch[b'labels'][:-1]
-  with open(folder / 'data_batch_2', 'wb') as f:
+  batch[b"labels"] = batch[b"labels"][:-1]
+  with open(folder / "data_batch_2", "wb") as f:
     pickle.dump(batch, f)
-  with pytest.raises(ValueError, match='data_batch_2: 19 labels for 20 images'):
+  with pytest.raises(ValueError, match="data_batch_2: 19 labels for 20 images"):
     data.load_cifar10_python(folder)
-  _write_python_folder(tmp_path / 'other')
-  (tmp_path / 'other' / 'test_batch').write_bytes(b'\x00garbage')
-  with pytest.raises(ValueError, match='test_batch is not a readable pickle'):
-    data.load_cifar10_python(tmp_path / 'other')
+  _write_python_folder(tmp_path / "other")
+  (tmp_path / "other" / "test_batch").write_bytes(b"\x00garbage")
+  with pytest.raises(ValueError, match="test_batch is not a readable pickle"):
+    data.load_cifar10_python(tmp_path / "other")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,7 +283,7 @@ def _is_subsequence(part: np.ndarray, whole: np.ndarray) -> bool:
 def test_digits_shapes_dtype_range_and_order():
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
   ds = data.load_digits_dataset(num_heldout=300, seed=0)
-  assert ds.name == 'digits' and ds.num_classes == 10 and len(ds.class_names) == 10
+  assert ds.name == "digits" and ds.num_classes == 10 and len(ds.class_names) == 10
   assert ds.train_images.shape == (1497, 8, 8, 1)
   assert ds.heldout_images.shape == (300, 8, 8, 1)
   assert ds.train_images.dtype == np.uint8 and ds.train_labels.dtype == np.int32
@@ -310,9 +310,9 @@ def test_digits_deterministic_per_seed():
   assert not np.array_equal(a.heldout_images, c.heldout_images)
 
 
-@pytest.mark.parametrize('num_heldout', [0, 1797])
+@pytest.mark.parametrize("num_heldout", [0, 1797])
 def test_digits_bad_heldout_size(num_heldout):
-  with pytest.raises(ValueError, match='1796'):
+  with pytest.raises(ValueError, match="1796"):
     data.load_digits_dataset(num_heldout=num_heldout, seed=0)
 
 
@@ -350,16 +350,16 @@ def test_split_meta_test_deterministic_per_seed():
   assert not np.array_equal(a[0], c[0])
 
 
-@pytest.mark.parametrize('num_meta', [0, 50, -1])
+@pytest.mark.parametrize("num_meta", [0, 50, -1])
 def test_split_meta_test_bad_size(num_meta):
   images, labels = _pool()
-  with pytest.raises(ValueError, match='M = 50'):
+  with pytest.raises(ValueError, match="M = 50"):
     data.split_meta_test(images, labels, num_meta=num_meta, seed=0)
 
 
 def test_split_meta_test_length_mismatch():
   images, labels = _pool()
-  with pytest.raises(ValueError, match='50 images but 49 labels'):
+  with pytest.raises(ValueError, match="50 images but 49 labels"):
     data.split_meta_test(images, labels[:-1], num_meta=10, seed=0)
 
 
@@ -374,9 +374,9 @@ def test_choose_unlabelled():
   assert dataset.choose_unlabelled(100, 99, seed=0).shape == (99,)
 
 
-@pytest.mark.parametrize('num_unlabelled', [-1, 100])
+@pytest.mark.parametrize("num_unlabelled", [-1, 100])
 def test_choose_unlabelled_bad_size(num_unlabelled):
-  with pytest.raises(ValueError, match=r'\[0, 99\]'):
+  with pytest.raises(ValueError, match=r"\[0, 99\]"):
     dataset.choose_unlabelled(100, num_unlabelled, seed=0)
 
 
@@ -386,37 +386,37 @@ def test_choose_unlabelled_bad_size(num_unlabelled):
 
 def test_image_dataset_rejects_inconsistent_fields():
   images, labels = _pool(10)
-  with pytest.raises(ValueError, match='int32'):
-    data.ImageDataset('x', images, labels[:-1], images, labels, 10, tuple('abcdefghij'))
-  with pytest.raises(ValueError, match='class names'):
-    data.ImageDataset('x', images, labels, images, labels, 10, ('a',))
-  with pytest.raises(ValueError, match='uint8'):
-    data.ImageDataset('x', images.astype(np.float32), labels, images, labels, 10,
-                      tuple('abcdefghij'))
+  with pytest.raises(ValueError, match="int32"):
+    data.ImageDataset("x", images, labels[:-1], images, labels, 10, tuple("abcdefghij"))
+  with pytest.raises(ValueError, match="class names"):
+    data.ImageDataset("x", images, labels, images, labels, 10, ("a",))
+  with pytest.raises(ValueError, match="uint8"):
+    data.ImageDataset("x", images.astype(np.float32), labels, images, labels, 10,
+                      tuple("abcdefghij"))
 
 
 def test_load_dataset_dispatch(pack_dir, tmp_path):
-  ds = data.load_dataset(types.SimpleNamespace(name='digits', num_heldout=200, split_seed=0))
-  assert ds.name == 'digits' and ds.heldout_images.shape == (200, 8, 8, 1)
-  config = types.SimpleNamespace(name='cifar10', source='pack', data_dir=str(pack_dir))
+  ds = data.load_dataset(types.SimpleNamespace(name="digits", num_heldout=200, split_seed=0))
+  assert ds.name == "digits" and ds.heldout_images.shape == (200, 8, 8, 1)
+  config = types.SimpleNamespace(name="cifar10", source="pack", data_dir=str(pack_dir))
   ds = data.load_dataset(config)
   assert ds.train_images.shape == (_PACK_TRAIN, 32, 32, 3)
-  folder = tmp_path / 'cifar-10-batches-py'
+  folder = tmp_path / "cifar-10-batches-py"
   _write_python_folder(folder)
-  config = types.SimpleNamespace(name='cifar10', source='python', data_dir=str(folder))
+  config = types.SimpleNamespace(name="cifar10", source="python", data_dir=str(folder))
   ds = data.load_dataset(config)
   assert ds.train_images.shape == (5 * _BATCH, 32, 32, 3)
 
 
 def test_load_dataset_errors():
-  with pytest.raises(ValueError, match='mnist.*cifar10, digits'):
-    data.load_dataset(types.SimpleNamespace(name='mnist'))
-  with pytest.raises(ValueError, match='tfds.*pack, python'):
-    data.load_dataset(types.SimpleNamespace(name='cifar10', source='tfds', data_dir='/x'))
-  with pytest.raises(FileNotFoundError, match=r'--config\.data_dir='):
-    data.load_dataset(types.SimpleNamespace(name='cifar10', source='pack', data_dir=''))
-  with pytest.raises(FileNotFoundError, match=r'--config\.data_dir='):
-    data.load_dataset(types.SimpleNamespace(name='cifar10', source='python'))
+  with pytest.raises(ValueError, match="mnist.*cifar10, digits"):
+    data.load_dataset(types.SimpleNamespace(name="mnist"))
+  with pytest.raises(ValueError, match="tfds.*pack, python"):
+    data.load_dataset(types.SimpleNamespace(name="cifar10", source="tfds", data_dir="/x"))
+  with pytest.raises(FileNotFoundError, match=r"--config\.data_dir="):
+    data.load_dataset(types.SimpleNamespace(name="cifar10", source="pack", data_dir=""))
+  with pytest.raises(FileNotFoundError, match=r"--config\.data_dir="):
+    data.load_dataset(types.SimpleNamespace(name="cifar10", source="python"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Inception-ResNet-v2: size and grid shapes of the full network (traced only), its minimum input, and
-the MetaLabelNet steps on a small variant."""
+"""Inception-ResNet-v2: size and grid shapes of the full network (traced only), its minimum input,
+and the MetaLabelNet steps on a small variant."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,8 @@ from mln_jax import steps
 from mln_jax.inception_resnet import MIN_INPUT_SIZE, InceptionResNetV2
 from mln_jax.train_state import create_train_state, freeze_extractor
 
-# One block of each kind at an eighth of the width: the full topology at a fraction of the compile time.
+# One block of each kind at an eighth of the width: the full topology at a fraction of the compile
+# time.
 SMALL = dict(num_block35=1, num_block17=1, num_block8=1, width_multiplier=0.125)
 
 
@@ -21,7 +22,8 @@ def _variable_shapes(model, side):
 
 
 def _outputs_and_grids(model, variables, side):
-  """Shapes of (logits, features) and of each top-level stage's output (mixed_5b, conv2d_7b, ...)."""
+  """Shapes of (logits, features) and of each top-level stage's output (mixed_5b, conv2d_7b,
+  ...)."""
   images = jax.ShapeDtypeStruct((2, side, side, 3), jnp.float32)
   top_level = lambda module, method: method == "__call__" and len(module.scope.path) == 1
   outputs, state = jax.eval_shape(
@@ -36,9 +38,10 @@ def _count(tree):
 
 
 def test_full_model_parameter_count():
-  # 55,843,464 is the count timm reports for `inception_resnet_v2` (1000 classes, BatchNorm scale and
-  # bias included). Cross-checked with a throwaway PyTorch re-implementation of the same layout, whose
-  # outputs matched this module's (weights copied over) to 1e-5 at 299x299, train and eval mode.
+  # 55,843,464 is the count timm reports for `inception_resnet_v2` (1000 classes, BatchNorm scale
+  # and bias included). Cross-checked with a throwaway PyTorch re-implementation of the same layout,
+  # whose outputs matched this module's (weights copied over) to 1e-5 at 299x299, train and eval
+  # mode.
   variables = _variable_shapes(InceptionResNetV2(num_classes=1000), 299)
   assert _count(variables["params"]) == 55_843_464
   assert _count(variables["batch_stats"]) == 60_544  # mean and var of 30,272 BatchNorm channels
@@ -79,12 +82,14 @@ def test_minimum_input_size():
 
 def test_warmup_and_meta_step_on_small_variant():
   model = InceptionResNetV2(num_classes=5, **SMALL)
-  # An 'rbg' key and a jitted create_train_state: XLA:CPU compiles one normal sampler per kernel shape,
-  # ~20 s with threefry keys against ~5 s with 'rbg' on 2 cores. The steps themselves are unchanged.
+  # An 'rbg' key and a jitted create_train_state: XLA:CPU compiles one normal sampler per kernel
+  # shape, ~20 s with threefry keys against ~5 s with 'rbg' on 2 cores. The steps themselves are
+  # unchanged.
   rng = jax.random.key(0, impl="rbg")
   state = jax.jit(create_train_state, static_argnums=(1, 2, 3))(
       rng, model, (MIN_INPUT_SIZE, MIN_INPUT_SIZE, 3), 5)
-  # Kaiming-normal convolutions (fan_out = 1536 x 0.125 for this 1x1 conv), PyTorch-default classifier.
+  # Kaiming-normal convolutions (fan_out = 1536 x 0.125 for this 1x1 conv), PyTorch-default
+  # classifier.
   kernel = state.params["conv2d_7b"]["conv"]["kernel"]
   assert float(jnp.std(kernel)) == pytest.approx(np.sqrt(2.0 / 192), rel=0.05)
   assert float(jnp.abs(state.params["classifier"]["kernel"]).max()) <= 1 / np.sqrt(192)

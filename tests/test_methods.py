@@ -39,8 +39,8 @@ def test_method_names_resolve_to_registry_entries():
 
 def test_phases_of_the_two_methods():
   mln = methods.get(tiny())
-  assert [(p.name, p.first_epoch, p.uses_meta, p.selects_best, p.trains_on) for p in mln.phases] == [
-      ("warm-up", 0, False, False, "labelled"), ("metalabelnet", 2, True, True, "all")]
+  facts = [(p.name, p.first_epoch, p.uses_meta, p.selects_best, p.trains_on) for p in mln.phases]
+  assert facts == [("warm-up", 0, False, False, "labelled"), ("metalabelnet", 2, True, True, "all")]
   assert [mln.phase_at(e).name for e in range(4)] == ["warm-up"] * 2 + ["metalabelnet"] * 2
   # Entering phase 2 at its start freezes the extractor; resuming inside it only marks it so.
   state = state_from_config(tiny(), (8, 8, 1), 10, jax.random.PRNGKey(0))

@@ -21,7 +21,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    'class_sizes, rate, per_pair',
+    "class_sizes, rate, per_pair",
     [
         # 100 · 0.57 / 3 is exactly 19, though 18.999999999999996 in floats.
         ((100, 100, 100, 100), 0.57, (19, 19, 19, 19)),
@@ -127,9 +127,9 @@ def test_class_dependent_exact_counts_and_only_sources_change():
   assert not np.array_equal(noisy, noise.class_dependent_noise(clean, 0.3, seed=1))
 
 
-@pytest.mark.parametrize('pairs', [{2: 10}, {-1: 0}, {3: 3}])
+@pytest.mark.parametrize("pairs", [{2: 10}, {-1: 0}, {3: 3}])
 def test_class_dependent_rejects_bad_pairs(pairs):
-  with pytest.raises(ValueError, match='pair flip'):
+  with pytest.raises(ValueError, match="pair flip"):
     noise.class_dependent_noise(np.arange(10), 0.2, seed=0, pairs=pairs)
 
 
@@ -146,13 +146,13 @@ _STUDENT_P = np.array([
 
 @pytest.fixture
 def student_file(tmp_path):
-  path = tmp_path / 'student_probs.npz'
+  path = tmp_path / "student_probs.npz"
   np.savez(path, student_probs=_softmax(_STUDENT_P).astype(np.float32))
   return path
 
 
 def test_student_probabilities_default_is_the_stored_array_as_the_reference_uses(student_file):
-  stored = np.load(student_file)['student_probs']
+  stored = np.load(student_file)["student_probs"]
   raw = noise.student_probabilities(student_file)
   np.testing.assert_array_equal(raw, stored)
   assert raw.dtype == np.float32
@@ -178,8 +178,8 @@ def test_student_probabilities_one_hot_row(student_file):
 
 
 def test_student_probabilities_missing_file(tmp_path):
-  with pytest.raises(FileNotFoundError, match='nope.npz'):
-    noise.student_probabilities(tmp_path / 'nope.npz')
+  with pytest.raises(FileNotFoundError, match="nope.npz"):
+    noise.student_probabilities(tmp_path / "nope.npz")
 
 
 # --- user-given labels ---
@@ -187,13 +187,13 @@ def test_student_probabilities_missing_file(tmp_path):
 _GIVEN = np.array([3, 0, 2, 2, 1, 0])
 
 
-@pytest.mark.parametrize('name, write', [
-    ('labels.npy', lambda p: np.save(p, _GIVEN)),
-    ('float.npy', lambda p: np.save(p, _GIVEN.astype(np.float64))),
-    ('labels.txt', lambda p: p.write_text('\n'.join(map(str, _GIVEN)) + '\n')),
-    ('labels.csv', lambda p: p.write_text(','.join(map(str, _GIVEN)))),
-    ('spaced.txt', lambda p: p.write_text('3 0  2\n2\t1 0')),
-    ('single.npz', lambda p: np.savez(p, anything=_GIVEN)),
+@pytest.mark.parametrize("name, write", [
+    ("labels.npy", lambda p: np.save(p, _GIVEN)),
+    ("float.npy", lambda p: np.save(p, _GIVEN.astype(np.float64))),
+    ("labels.txt", lambda p: p.write_text("\n".join(map(str, _GIVEN)) + "\n")),
+    ("labels.csv", lambda p: p.write_text(",".join(map(str, _GIVEN)))),
+    ("spaced.txt", lambda p: p.write_text("3 0  2\n2\t1 0")),
+    ("single.npz", lambda p: np.savez(p, anything=_GIVEN)),
 ])
 def test_load_noisy_labels_formats(tmp_path, name, write):
   write(tmp_path / name)
@@ -203,46 +203,46 @@ def test_load_noisy_labels_formats(tmp_path, name, write):
 
 
 def test_load_noisy_labels_npz_key(tmp_path):
-  path = tmp_path / 'many.npz'
+  path = tmp_path / "many.npz"
   np.savez(path, clean=np.zeros(6, dtype=np.int64), worse=_GIVEN)
-  np.testing.assert_array_equal(noise.load_noisy_labels(f'{path}:worse', 6, 4), _GIVEN)
-  with pytest.raises(ValueError, match='worse'):  # Two arrays: the error lists them.
+  np.testing.assert_array_equal(noise.load_noisy_labels(f"{path}:worse", 6, 4), _GIVEN)
+  with pytest.raises(ValueError, match="worse"):  # Two arrays: the error lists them.
     noise.load_noisy_labels(path, 6, 4)
-  with pytest.raises(ValueError, match='missing'):
-    noise.load_noisy_labels(f'{path}:missing', 6, 4)
+  with pytest.raises(ValueError, match="missing"):
+    noise.load_noisy_labels(f"{path}:missing", 6, 4)
 
 
 def test_load_noisy_labels_errors(tmp_path):
-  with pytest.raises(FileNotFoundError, match='absent.npy'):
-    noise.load_noisy_labels(tmp_path / 'absent.npy', 6, 4)
+  with pytest.raises(FileNotFoundError, match="absent.npy"):
+    noise.load_noisy_labels(tmp_path / "absent.npy", 6, 4)
 
-  np.save(tmp_path / 'short.npy', _GIVEN[:5])
-  with pytest.raises(ValueError, match=r'5 noisy labels .* 6 samples.*original training order'):
-    noise.load_noisy_labels(tmp_path / 'short.npy', 6, 4)
+  np.save(tmp_path / "short.npy", _GIVEN[:5])
+  with pytest.raises(ValueError, match=r"5 noisy labels .* 6 samples.*original training order"):
+    noise.load_noisy_labels(tmp_path / "short.npy", 6, 4)
 
-  np.save(tmp_path / 'range.npy', np.array([3, 0, 2, 4, 1, 7]))
-  with pytest.raises(ValueError, match=r'label 4 at index 3'):
-    noise.load_noisy_labels(tmp_path / 'range.npy', 6, 4)
+  np.save(tmp_path / "range.npy", np.array([3, 0, 2, 4, 1, 7]))
+  with pytest.raises(ValueError, match=r"label 4 at index 3"):
+    noise.load_noisy_labels(tmp_path / "range.npy", 6, 4)
 
-  np.save(tmp_path / 'negative.npy', np.array([3, -1, 2, 2, 1, 0]))
-  with pytest.raises(ValueError, match=r'label -1 at index 1'):
-    noise.load_noisy_labels(tmp_path / 'negative.npy', 6, 4)
+  np.save(tmp_path / "negative.npy", np.array([3, -1, 2, 2, 1, 0]))
+  with pytest.raises(ValueError, match=r"label -1 at index 1"):
+    noise.load_noisy_labels(tmp_path / "negative.npy", 6, 4)
 
-  np.save(tmp_path / 'fraction.npy', np.array([3.0, 0.0, 2.5, 2.0, 1.0, 0.0]))
-  with pytest.raises(ValueError, match=r'integers, got 2.5 at index 2'):
-    noise.load_noisy_labels(tmp_path / 'fraction.npy', 6, 4)
+  np.save(tmp_path / "fraction.npy", np.array([3.0, 0.0, 2.5, 2.0, 1.0, 0.0]))
+  with pytest.raises(ValueError, match=r"integers, got 2.5 at index 2"):
+    noise.load_noisy_labels(tmp_path / "fraction.npy", 6, 4)
 
-  (tmp_path / 'fraction.txt').write_text('3\n0\n2\n1.5\n1\n0\n')
-  with pytest.raises(ValueError, match=r'integers, got 1.5 at index 3'):
-    noise.load_noisy_labels(tmp_path / 'fraction.txt', 6, 4)
+  (tmp_path / "fraction.txt").write_text("3\n0\n2\n1.5\n1\n0\n")
+  with pytest.raises(ValueError, match=r"integers, got 1.5 at index 3"):
+    noise.load_noisy_labels(tmp_path / "fraction.txt", 6, 4)
 
-  (tmp_path / 'words.csv').write_text('3,0,cat,2,1,0')
-  with pytest.raises(ValueError, match='number'):
-    noise.load_noisy_labels(tmp_path / 'words.csv', 6, 4)
+  (tmp_path / "words.csv").write_text("3,0,cat,2,1,0")
+  with pytest.raises(ValueError, match="number"):
+    noise.load_noisy_labels(tmp_path / "words.csv", 6, 4)
 
-  np.save(tmp_path / 'matrix.npy', np.zeros((6, 1), dtype=np.int64))
-  with pytest.raises(ValueError, match='1-D'):
-    noise.load_noisy_labels(tmp_path / 'matrix.npy', 6, 4)
+  np.save(tmp_path / "matrix.npy", np.zeros((6, 1), dtype=np.int64))
+  with pytest.raises(ValueError, match="1-D"):
+    noise.load_noisy_labels(tmp_path / "matrix.npy", 6, 4)
 
 
 # --- dispatcher and rate ---
@@ -257,20 +257,20 @@ def test_make_noisy_labels_dispatches_and_copies(tmp_path):
   clean = np.repeat(np.arange(10), 30)
   before = clean.copy()
   kwargs = dict(rate=0.4, num_classes=10, seed=7)
-  none = noise.make_noisy_labels(clean, kind='none', **kwargs)
+  none = noise.make_noisy_labels(clean, kind="none", **kwargs)
   np.testing.assert_array_equal(none, clean)
   assert none.dtype == np.int32 and none is not clean
   np.testing.assert_array_equal(
-      noise.make_noisy_labels(clean, kind='uniform', **kwargs),
+      noise.make_noisy_labels(clean, kind="uniform", **kwargs),
       noise.uniform_noise(clean, 0.4, 10, 7))
   np.testing.assert_array_equal(
-      noise.make_noisy_labels(clean, kind='class_dependent', **kwargs),
+      noise.make_noisy_labels(clean, kind="class_dependent", **kwargs),
       noise.class_dependent_noise(clean, 0.4, 7))
   probs = np.random.default_rng(0).dirichlet(np.ones(10), size=clean.size)
-  feature = noise.make_noisy_labels(clean, kind='feature_dependent', probs=probs, **kwargs)
+  feature = noise.make_noisy_labels(clean, kind="feature_dependent", probs=probs, **kwargs)
   assert noise.realised_noise_rate(clean, feature) == 0.4
-  np.save(tmp_path / 'given.npy', clean[::-1])
-  given = noise.make_noisy_labels(clean, kind='given', path=str(tmp_path / 'given.npy'), **kwargs)
+  np.save(tmp_path / "given.npy", clean[::-1])
+  given = noise.make_noisy_labels(clean, kind="given", path=str(tmp_path / "given.npy"), **kwargs)
   np.testing.assert_array_equal(given, clean[::-1])
   np.testing.assert_array_equal(clean, before)
 
@@ -278,20 +278,20 @@ def test_make_noisy_labels_dispatches_and_copies(tmp_path):
 def test_make_noisy_labels_errors():
   clean = np.arange(4)
   kwargs = dict(num_classes=4, seed=0)
-  with pytest.raises(ValueError, match='none, uniform, feature_dependent, class_dependent, given'):
-    noise.make_noisy_labels(clean, kind='symmetric', rate=0.2, **kwargs)
-  for rate in (-0.1, 1.5, float('nan')):
-    with pytest.raises(ValueError, match=r'\[0, 1\]'):
-      noise.make_noisy_labels(clean, kind='uniform', rate=rate, **kwargs)
-  with pytest.raises(ValueError, match=r'needs probs of shape \(4, 4\)'):
-    noise.make_noisy_labels(clean, kind='feature_dependent', rate=0.2, **kwargs)
-  with pytest.raises(ValueError, match=r'\(4, 4\), got \(4, 3\)'):
+  with pytest.raises(ValueError, match="none, uniform, feature_dependent, class_dependent, given"):
+    noise.make_noisy_labels(clean, kind="symmetric", rate=0.2, **kwargs)
+  for rate in (-0.1, 1.5, float("nan")):
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+      noise.make_noisy_labels(clean, kind="uniform", rate=rate, **kwargs)
+  with pytest.raises(ValueError, match=r"needs probs of shape \(4, 4\)"):
+    noise.make_noisy_labels(clean, kind="feature_dependent", rate=0.2, **kwargs)
+  with pytest.raises(ValueError, match=r"\(4, 4\), got \(4, 3\)"):
     noise.make_noisy_labels(
-        clean, kind='feature_dependent', rate=0.2, probs=np.full((4, 3), 1 / 3), **kwargs)
-  with pytest.raises(ValueError, match='path'):
-    noise.make_noisy_labels(clean, kind='given', rate=0.0, **kwargs)
-  with pytest.raises(ValueError, match=r'label 4 at index 3'):
-    noise.make_noisy_labels(np.array([0, 1, 2, 4]), kind='none', rate=0.0, **kwargs)
+        clean, kind="feature_dependent", rate=0.2, probs=np.full((4, 3), 1 / 3), **kwargs)
+  with pytest.raises(ValueError, match="path"):
+    noise.make_noisy_labels(clean, kind="given", rate=0.0, **kwargs)
+  with pytest.raises(ValueError, match=r"label 4 at index 3"):
+    noise.make_noisy_labels(np.array([0, 1, 2, 4]), kind="none", rate=0.0, **kwargs)
 
 
 # --- real data ---
@@ -299,13 +299,13 @@ def test_make_noisy_labels_errors():
 
 @pytest.mark.integration
 def test_feature_dependent_40_percent_on_cifar10_student(cifar10_pack):
-  with np.load(cifar10_pack / 'cifar10_jpeg.npz') as pack:
-    clean = pack['train_label']
-  probs = noise.student_probabilities(cifar10_pack / 'student_probs.npz')
+  with np.load(cifar10_pack / "cifar10_jpeg.npz") as pack:
+    clean = pack["train_label"]
+  probs = noise.student_probabilities(cifar10_pack / "student_probs.npz")
   noisy = noise.make_noisy_labels(
-      clean, kind='feature_dependent', rate=0.4, num_classes=10, seed=0, probs=probs)
+      clean, kind="feature_dependent", rate=0.4, num_classes=10, seed=0, probs=probs)
   assert noise.realised_noise_rate(clean, noisy) == 0.40
-  order = np.argsort(probs, axis=1, kind='stable')
+  order = np.argsort(probs, axis=1, kind="stable")
   flipped = np.flatnonzero(noisy != clean)
   first, second = order[flipped, -1], order[flipped, -2]
   assert np.all((noisy[flipped] == first) | (noisy[flipped] == second))
@@ -316,5 +316,6 @@ def test_feature_dependent_40_percent_on_cifar10_student(cifar10_pack):
 
 
 def test_missing_student_probabilities_name_the_setting(tmp_path):
-  with pytest.raises(FileNotFoundError, match=r"student_probs.npz\. .*set --config.noise.probabilities"):
+  with pytest.raises(FileNotFoundError,
+                     match=r"student_probs.npz\. .*set --config.noise.probabilities"):
     noise.student_probabilities(tmp_path / "student_probs.npz")

@@ -1,4 +1,5 @@
-"""Losses, the warm-up step and `meta_step`: values, exact meta-gradients, architectures, devices."""
+"""Losses, the warm-up step and `meta_step`: values, exact meta-gradients, architectures,
+devices."""
 
 import functools
 
@@ -53,7 +54,8 @@ def test_losses_match_hand_computed_values():
   expected_ce = -(np.log(0.5) + np.log(0.25)) / 2
   np.testing.assert_allclose(losses.soft_label_kl(logits, jnp.log(soft)), expected_kl, rtol=1e-6)
   np.testing.assert_allclose(losses.entropy(logits), expected_entropy, rtol=1e-6)
-  np.testing.assert_allclose(losses.cross_entropy(logits, jnp.array([0, 1])), expected_ce, rtol=1e-6)
+  np.testing.assert_allclose(losses.cross_entropy(logits, jnp.array([0, 1])), expected_ce,
+                             rtol=1e-6)
   # Unlabelled samples (−1) are left out of the mean, not read as the last class.
   np.testing.assert_allclose(losses.cross_entropy(logits, jnp.array([-1, 1])), -np.log(0.25),
                              rtol=1e-6)
@@ -90,7 +92,8 @@ def test_meta_gradient_matches_finite_differences_float64(arch, method):
       keys = jax.random.split(jax.random.PRNGKey(100 + seed), len(jax.tree.leaves(grads)))
       direction = jax.tree.unflatten(
           jax.tree.structure(grads),
-          [jax.random.normal(k, g.shape, jnp.float64) for k, g in zip(keys, jax.tree.leaves(grads))])
+          [jax.random.normal(k, g.shape, jnp.float64)
+           for k, g in zip(keys, jax.tree.leaves(grads))])
       shifted = lambda s: jax.tree.map(lambda p, d: p + s * eps * d, state.mln_params, direction)
       numeric = (objective(shifted(1.0)) - objective(shifted(-1.0))) / (2 * eps)
       analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads),

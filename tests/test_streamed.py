@@ -1,5 +1,5 @@
-"""Streamed datasets: the authors' on-disk layouts, the tf.data streams, and the streamed loop end to
-end on tiny fabricated datasets (a few dozen small JPEGs in exactly the real layouts)."""
+"""Streamed datasets: the authors' on-disk layouts, the tf.data streams, and the streamed loop end
+to end on tiny fabricated datasets (a few dozen small JPEGs in exactly the real layouts)."""
 
 import json
 import os
@@ -108,8 +108,8 @@ def test_image_folder_run_with_unlabelled_lines_names_its_classes(tmp_path):
   files = sorted((tmp_path / "mine/train").rglob("*.jpg"))
   # Every third training image has no label (−1): it joins phase 2 only.
   classes = ("cat", "dog", "fish")
-  lines = [f"{f.relative_to(tmp_path / 'mine')} {-1 if i % 3 == 0 else classes.index(f.parent.name)}"
-           for i, f in enumerate(files)]
+  label = lambda i, f: -1 if i % 3 == 0 else classes.index(f.parent.name)
+  lines = [f"{f.relative_to(tmp_path / 'mine')} {label(i, f)}" for i, f in enumerate(files)]
   (tmp_path / "mine/noisy.txt").write_text("\n".join(lines) + "\n")
   config = tiny_streamed("image_folder", tmp_path / "mine", **{"data.train_list": "noisy.txt",
                                                                 "num_epochs": 2})
@@ -193,7 +193,8 @@ def test_streams_are_deterministic_per_seed_and_resume_mid_epoch(clothing_root):
       images, indices, 8, PREP, seed, epoch, start))
   first = stream(0, 0)
   assert first["image"].shape == (6, 8, 16, 16, 3) and first["image"].dtype == np.uint8
-  again, other_seed, other_epoch, resumed = stream(0, 0), stream(1, 0), stream(0, 1), stream(0, 0, 2)
+  again, other_seed, other_epoch = stream(0, 0), stream(1, 0), stream(0, 1)
+  resumed = stream(0, 0, 2)
   for key in first:
     np.testing.assert_array_equal(again[key], first[key])
     np.testing.assert_array_equal(resumed[key], first[key][2:])
@@ -238,7 +239,8 @@ def test_preprocessing_resizes_crops_and_flips(tmp_path):
   batch = next(iter(input_pipeline._batches(images, order, flips, shorter, 0)))
   plain, flipped = batch["image"]
   assert plain.shape == (16, 16, 3)
-  # Shorter side 40 -> 20 keeps the aspect (20x40); the centre crop keeps the red mark in the middle.
+  # Shorter side 40 -> 20 keeps the aspect (20x40); the centre crop keeps the red mark in the
+  # middle.
   assert plain[8, 8, 0] > 150 and plain[8, 8, 1] < 100
   assert plain[8, 0].mean() < 60 and plain[8, 15].mean() > 200  # black left, white right
   np.testing.assert_array_equal(flipped, plain[:, ::-1])

@@ -293,7 +293,8 @@ def test_scanned_epoch_equals_host_loop_epoch(method_name, num_runs):
 
 def test_concurrent_runs_match_separate_runs(tmp_path):
   """num_runs=2 trains seeds 0 and 1 in one vmapped program; each equals its run trained alone."""
-  together = experiment.run(tiny(num_runs=2, num_epochs=3), str(tmp_path / "together"))["metalabelnet"]
+  together = experiment.run(tiny(num_runs=2, num_epochs=3),
+                             str(tmp_path / "together"))["metalabelnet"]
   assert [r["seed"] for r in together] == [0, 1]
   assert (tmp_path / "together" / "run_1" / "soft_labels.npz").exists()
   for seed, joint in enumerate(together):

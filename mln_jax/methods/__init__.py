@@ -1,12 +1,14 @@
 """Training methods as data: each is a list of phases, each phase a pure step and a few facts.
 
-The loop (`mln_jax.loop`) knows no method by name. For the epoch it is in, it asks the method for its
-phase and runs that phase's step over the batches the phase trains on, with meta batches if the phase
-asks for them; it selects the best epoch by meta accuracy over the phases that say so, calls a phase's
-`enter` when it starts (or resumes inside it), and tracks and exports the phase's `soft_labels`.
+The loop (`mln_jax.loop`) knows no method by name. For the epoch it is in, it asks the method for
+its phase and runs that phase's step over the batches the phase trains on, with meta batches if the
+phase asks for them; it selects the best epoch by meta accuracy over the phases that say so, calls a
+phase's `enter` when it starts (or resumes inside it), and tracks and exports the phase's
+`soft_labels`.
 
-Adding a method: write `mln_jax/methods/<name>.py` with a `method(config) -> Method` and add one line
-to `REGISTRY` below; its settings go in their own group of `mln_jax/config.py`. The shapes of the
+Adding a method: write `mln_jax/methods/<name>.py` with a `method(config) -> Method` and add one
+line to `REGISTRY` below; its settings go in their own group of `mln_jax/config.py`. The shapes of
+the
 methods this fits:
 - a loss-only method (SCE, GCE, Bootstrapping): one phase (or a cross-entropy warm-up first) whose
   step is `steps.supervised_step` with the method's loss of (logits, labels);
@@ -17,7 +19,8 @@ methods this fits:
   (N, C) table in `method_state`, read and written at `batch["index"]` (every batch carries its
   samples' ids, so the table follows every shuffle); it is checkpointed with the state and stacked
   per run under `num_runs` like every other leaf;
-- bilevel methods: `steps.meta_gradient_autodiff` differentiates through the inner optax update of any
+- bilevel methods: `steps.meta_gradient_autodiff` differentiates through the inner optax update of
+any
   loss of the classifier's logits, with respect to any meta parameters.
 """
 

@@ -1,4 +1,5 @@
-"""What a method is: phases with pure steps, and the hooks the loop calls (see `mln_jax.methods`)."""
+"""What a method is: phases with pure steps, and the hooks the loop calls (see
+`mln_jax.methods`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Cross-entropy on the given (noisy) labels for every epoch: the baseline row of the paper's tables."""
+"""Cross-entropy on the given (noisy) labels for every epoch: the baseline row of the paper's
+tables."""
 
 from __future__ import annotations
 
