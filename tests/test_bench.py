@@ -6,11 +6,14 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from mln_jax import bench, config as config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_benchmark_reports_every_measurement():
   seen = []  # what a job stopped at a time limit would have kept
   report = bench.run_benchmark([8], num_steps=2, repeats=1, meta_gradients=["autodiff", "jvp"],
@@ -32,6 +35,7 @@ def test_benchmark_reports_every_measurement():
   json.dumps(report)  # serialisable as written by --out
 
 
+@pytest.mark.slow
 def test_benchmark_cli_writes_json(tmp_path):
   out = tmp_path / "bench.json"
   completed = subprocess.run(
@@ -61,6 +65,7 @@ def test_streamed_benchmark_times_the_configs_steps_on_synthetic_inputs():
   assert "targets" not in bench.format_report(report)  # CIFAR-10's targets do not apply
 
 
+@pytest.mark.slow
 def test_streamed_benchmark_cli_reads_a_config_file(tmp_path):
   out = tmp_path / "bench.json"
   completed = subprocess.run(

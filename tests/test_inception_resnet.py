@@ -80,6 +80,7 @@ def test_minimum_input_size():
       jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape), train=False))
 
 
+@pytest.mark.slow
 def test_warmup_and_meta_step_on_small_variant():
   model = InceptionResNetV2(num_classes=5, **SMALL)
   # An 'rbg' key and a jitted create_train_state: XLA:CPU compiles one normal sampler per kernel

@@ -74,6 +74,7 @@ def _label_smoothing(epsilon):
   return loss
 
 
+@pytest.mark.slow
 def test_a_loss_only_method_is_one_registry_entry(tmp_path, monkeypatch):
   monkeypatch.setitem(methods.REGISTRY, "label_smoothing", lambda config: Method(
       "label_smoothing", (Phase("label-smoothing", 0, steps.supervised_step(
@@ -108,6 +109,7 @@ def _visit_counting_method(config):
   return Method("visit_counting", (Phase("counting", 0, step),), init_state=init_state)
 
 
+@pytest.mark.slow
 def test_per_sample_state_follows_shuffles_checkpoints_and_runs(tmp_path, monkeypatch):
   monkeypatch.setitem(methods.REGISTRY, "visit_counting", _visit_counting_method)
   config = tiny(method="visit_counting", num_runs=2, num_epochs=3)
@@ -146,6 +148,7 @@ def test_per_sample_state_follows_shuffles_checkpoints_and_runs(tmp_path, monkey
   assert (labels_0 != labels_1).any()  # the runs' tables are their own, not copies
 
 
+@pytest.mark.slow
 def test_streamed_batches_carry_their_samples_ids(tmp_path, monkeypatch):
   pytest.importorskip("tensorflow")
   import fake_layouts

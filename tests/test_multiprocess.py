@@ -48,6 +48,7 @@ def _histories(processes):
       process.kill()
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
   fake_layouts.clothing1m(tmp_path / "data")
   port = _free_port()

@@ -103,6 +103,7 @@ def test_image_folder_layout_with_and_without_a_train_list(tmp_path):
     file_lists.image_folder(tmp_path, train_list="noisy.txt")
 
 
+@pytest.mark.slow
 def test_image_folder_run_with_unlabelled_lines_names_its_classes(tmp_path):
   fake_layouts.image_folder(tmp_path / "mine")
   files = sorted((tmp_path / "mine/train").rglob("*.jpg"))
@@ -291,6 +292,7 @@ def _history_without_times(results):
   return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in results["history"]]
 
 
+@pytest.mark.slow
 def test_clothing1m_run_resumed_mid_epoch_equals_an_uninterrupted_run(tmp_path, clothing_root,
                                                                       monkeypatch):
   config = tiny_streamed("clothing1m", clothing_root)
@@ -405,6 +407,7 @@ def test_replicated_state_is_built_per_process(monkeypatch):
   assert int(replicated["step"]) == 4
 
 
+@pytest.mark.slow
 def test_unlabelled_images_join_phase_2_only(tmp_path, clothing_root):
   config = tiny_streamed("clothing1m", clothing_root, **{"data.num_unlabelled": 24,
                                                          "data.num_meta": 16})
@@ -414,6 +417,7 @@ def test_unlabelled_images_join_phase_2_only(tmp_path, clothing_root):
   assert [r["steps"] for r in results["history"]] == [3, 6, 6]
 
 
+@pytest.mark.slow
 def test_meta_set_in_memory_or_streamed_trains_the_same(tmp_path, clothing_root):
   kept, read = (experiment.train_and_evaluate(
       tiny_streamed("clothing1m", clothing_root, **{"data.meta_in_memory": flag}),
@@ -422,6 +426,7 @@ def test_meta_set_in_memory_or_streamed_trains_the_same(tmp_path, clothing_root)
   assert _history_without_times(kept) == _history_without_times(read)
 
 
+@pytest.mark.slow
 def test_sharded_run_matches_a_single_device_run(tmp_path, clothing_root):
   config = tiny_streamed("clothing1m", clothing_root, num_epochs=2)
   one = experiment.train_and_evaluate(
@@ -436,6 +441,7 @@ def test_sharded_run_matches_a_single_device_run(tmp_path, clothing_root):
         assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
 
 
+@pytest.mark.slow
 def test_webvision_cli_reports_top1_and_top5_on_both_test_sets(tmp_path, webvision_root):
   workdir = tmp_path / "run"
   completed = subprocess.run(
@@ -483,6 +489,7 @@ def _torchvision_state_dict(variables):
           for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]}
 
 
+@pytest.mark.slow
 def test_pretrained_resnet_weights_start_the_streamed_run(tmp_path, clothing_root):
   from mln_jax import resnet
   tiny_resnet = {"model.name": "resnet", "model.stage_sizes": (1, 1), "model.num_filters": 4,

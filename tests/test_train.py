@@ -7,7 +7,9 @@ import pathlib
 import subprocess
 import sys
 
+from absl import flags
 import jax
+from ml_collections import config_flags
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -26,6 +28,18 @@ def tiny(**overrides):
   return tiny_config.with_overrides(tiny_config.get_config(), **overrides)
 
 
+def parse_command_line(*args):
+  """The config `python -m mln_jax.main --config=tests/tiny_config.py ARGS` runs, parsed in process
+  by the same flag definition as mln_jax.main."""
+  argv = ["main", f"--config={TESTS / 'tiny_config.py'}", *args]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+@pytest.mark.slow
 def test_cli_runs_both_methods_and_writes_results(tmp_path):
   workdir = tmp_path / "run"
   completed = subprocess.run(
@@ -56,13 +70,24 @@ def test_cli_runs_both_methods_and_writes_results(tmp_path):
   assert [h["phase"] for h in mln["history"]] == ["warm-up", "metalabelnet", "metalabelnet"]
   assert mln["best"]["epoch"] >= 2  # model selection over phase-2 epochs only
   assert "train/meta_loss" in mln["history"][-1]
+
+
+def test_a_finished_workdir_returns_its_results_and_refuses_another_config(finished_digits_run):
+  finished = tiny(method="cross_entropy", num_epochs=1)
+  again = experiment.run(finished, str(finished_digits_run))  # nothing left to train
+  assert again["cross_entropy"][0] == json.loads(
+      (finished_digits_run / "results.json").read_text())
+  with pytest.raises(ValueError, match="different config .*noise"):
+    experiment.run(tiny_config.with_overrides(finished, **{"noise.rate": 0.2}),
+                   str(finished_digits_run))
   # A cross-entropy run has no frozen extractor, so it gives no soft labels (instead of an untrained
   # MetaLabelNet's).
-  state, run_config = trained.load_trained_state(str(workdir / "cross_entropy"))
+  state, run_config = trained.load_trained_state(str(finished_digits_run))
   with pytest.raises(ValueError, match="no frozen feature extractor"):
     trained.soft_labels_for(state, np.zeros((4, 8, 8, 1), np.uint8), run_config)
 
 
+@pytest.mark.slow
 def test_metalabelnet_learns_on_digits_and_exports_soft_labels(tmp_path):
   results = experiment.run(tiny(), str(tmp_path))["metalabelnet"][0]
   assert results["last"]["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
@@ -90,6 +115,7 @@ def test_metalabelnet_learns_on_digits_and_exports_soft_labels(tmp_path):
                              export["soft_label"][:50], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
   config = tiny()
   uninterrupted = experiment.train_and_evaluate(config, str(tmp_path / "a"))
@@ -117,12 +143,14 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_bfloat16_run_learns(tmp_path):
   results = experiment.train_and_evaluate(tiny(compute_dtype="bfloat16"), str(tmp_path))
   assert results["compute_dtype"] == "bfloat16"
   assert results["last"]["test_accuracy"] > 0.5
 
 
+@pytest.mark.slow
 def test_clean_model_probabilities_are_cross_fitted_and_informative():
   config = tiny(**{"noise.kind": "feature_dependent", "noise.probabilities": "clean_model",
                    "noise.teacher_epochs": 3})
@@ -143,13 +171,9 @@ def test_unknown_config_key_is_rejected(tmp_path):
   config.data.num_metas = 10
   with pytest.raises(ValueError, match="Unknown config key 'data.num_metas'"):
     experiment.run(config, str(tmp_path))
-  completed = subprocess.run(
-      [sys.executable, "-m", "mln_jax.main", f"--config={TESTS / 'tiny_config.py'}",
-       f"--workdir={tmp_path}", "--config.noise.rat=0.2"],
-      capture_output=True, text=True, cwd=TESTS.parent, timeout=300)
-  assert completed.returncode != 0
-  # ml_collections names the unknown key and suggests the right one.
-  assert 'Did you mean "rate" instead of "rat"' in completed.stderr
+  # On the command line, ml_collections names the unknown key and suggests the right one.
+  with pytest.raises(AttributeError, match='Did you mean "rate" instead of "rat"'):
+    parse_command_line("--config.noise.rat=0.2")
 
 
 def test_data_dir_is_one_setting_under_two_names(tmp_path):
@@ -159,12 +183,11 @@ def test_data_dir_is_one_setting_under_two_names(tmp_path):
   config.data.data_dir = "/b"
   assert config.data_dir == "/b"
   # From the command line the short name reaches the loader.
-  completed = subprocess.run(
-      [sys.executable, "-m", "mln_jax.main", f"--config={TESTS / 'tiny_config.py'}",
-       f"--workdir={tmp_path}", "--config.data.name=cifar10", "--config.data_dir=/nonexistent/c10"],
-      capture_output=True, text=True, cwd=TESTS.parent, timeout=300)
-  assert completed.returncode != 0
-  assert "CIFAR-10 pack folder /nonexistent/c10 does not exist" in completed.stderr
+  config = parse_command_line("--config.data.name=cifar10", "--config.data_dir=/nonexistent/c10")
+  assert config.data.data_dir == "/nonexistent/c10"
+  with pytest.raises(FileNotFoundError,
+                     match="CIFAR-10 pack folder /nonexistent/c10 does not exist"):
+    experiment.run(config, str(tmp_path))
   assert not list(tmp_path.rglob("results.json"))
 
 
@@ -201,6 +224,7 @@ def test_bad_noisy_label_file_is_rejected(tmp_path, labels, message):
   assert not (tmp_path / "run" / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_given_noisy_labels_are_used(tmp_path):
   dataset = data_lib.load_digits_dataset(300, 0)
   assert len(dataset.train_labels) == 1497
@@ -215,6 +239,7 @@ def test_given_noisy_labels_are_used(tmp_path):
   assert results["noise"]["rate"] is None  # noise.rate sets nothing for given labels
 
 
+@pytest.mark.slow
 def test_diverging_loss_stops_without_results(tmp_path):
   config = tiny(**{"optim.learning_rate": 1e6})
   with pytest.raises(FloatingPointError, match="Non-finite .* training diverged"):
@@ -225,12 +250,6 @@ def test_diverging_loss_stops_without_results(tmp_path):
   assert (tmp_path / "results.json").exists()
 
 
-def test_workdir_of_another_config_is_not_resumed(tmp_path):
-  experiment.run(tiny(**{"num_epochs": 2, "warmup_epochs": 1}), str(tmp_path))
-  with pytest.raises(ValueError, match="different config .*noise"):
-    experiment.run(tiny(**{"num_epochs": 2, "warmup_epochs": 1, "noise.rate": 0.2}), str(tmp_path))
-
-
 def test_config_schema_and_schedule():
   config = config_lib.default_config()
   config_lib.validate_config(config)
@@ -238,6 +257,7 @@ def test_config_schema_and_schedule():
   np.testing.assert_allclose(rates, [1e-2, 1e-2, 1e-3, 1e-3, 1e-4, 1e-4])
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_cifar10_pack_trains_a_few_steps(tmp_path, cifar10_pack):
   config = config_lib.default_config()
@@ -258,6 +278,7 @@ def test_cifar10_pack_trains_a_few_steps(tmp_path, cifar10_pack):
   assert 0.0 <= results["last"]["test_accuracy"] <= 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_runs", [None, 2])
 @pytest.mark.parametrize("method_name", ["cross_entropy", "metalabelnet"])
 def test_scanned_epoch_equals_host_loop_epoch(method_name, num_runs):
@@ -291,6 +312,7 @@ def test_scanned_epoch_equals_host_loop_epoch(method_name, num_runs):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_concurrent_runs_match_separate_runs(tmp_path):
   """num_runs=2 trains seeds 0 and 1 in one vmapped program; each equals its run trained alone."""
   together = experiment.run(tiny(num_runs=2, num_epochs=3),
