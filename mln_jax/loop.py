@@ -141,6 +141,10 @@ def _train_and_evaluate(configs: list[ml_collections.ConfigDict], workdir: str, 
     latest = checkpoints.latest_step()
     saved = checkpoints.restore(latest, args=ocp.args.Composite(
         progress=ocp.args.JsonRestore())).progress
+    if "global_step" not in saved:
+      raise ValueError(f"{workdir} holds a checkpoint of an older mln_jax (before its one training "
+                       "loop), which this version cannot resume: finish it with the version that "
+                       "started it, or use a new --workdir.")
     if saved.get("num_runs") != num_runs:
       raise ValueError(f"{workdir} holds a checkpoint of {saved.get('num_runs')} runs, not "
                        f"{num_runs}. Resume with the same runs or use a new --workdir.")

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from mln_jax import experiment, loop, methods, steps, trained
+from mln_jax import experiment, methods, steps, trained
 from mln_jax.methods import Method, Phase
 from mln_jax.train_state import state_from_config
 
@@ -115,17 +115,7 @@ def test_per_sample_state_follows_shuffles_checkpoints_and_runs(tmp_path, monkey
   config = tiny(method="visit_counting", num_runs=2, num_epochs=3)
   uninterrupted = experiment.run(config, str(tmp_path / "a"))["visit_counting"]
 
-  real_check = loop.check_finite
-
-  def killed_in_epoch_3(metrics, epoch, step, phase, run_dirs):
-    if epoch == 2:
-      raise KeyboardInterrupt("simulated kill")
-    real_check(metrics, epoch, step, phase, run_dirs)
-
-  monkeypatch.setattr(loop, "check_finite", killed_in_epoch_3)
-  with pytest.raises(KeyboardInterrupt):
-    experiment.run(config, str(tmp_path / "b"))
-  monkeypatch.setattr(loop, "check_finite", real_check)
+  tiny_config.run_killed(monkeypatch, lambda: experiment.run(config, str(tmp_path / "b")), epoch=2)
   resumed = experiment.run(config, str(tmp_path / "b"))["visit_counting"]
   assert [r["history"][-1]["train/loss"] for r in resumed] == [
       r["history"][-1]["train/loss"] for r in uninterrupted]

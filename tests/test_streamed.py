@@ -320,21 +320,13 @@ def test_clothing1m_run_resumed_mid_epoch_equals_an_uninterrupted_run(tmp_path, 
   np.testing.assert_allclose(trained.soft_labels_for(state, pixels, run_config),
                              exported["soft_label"], rtol=1e-5, atol=1e-6)
 
-  real_check = loop.check_finite
-
-  def killed_mid_epoch_2(metrics, epoch, step, phase, run_dirs):
-    if epoch == 1 and step == 4:  # after the checkpoint at step 2 of the second epoch
-      raise KeyboardInterrupt("simulated kill")
-    real_check(metrics, epoch, step, phase, run_dirs)
-
   # This run streams its meta batches from disk (the uninterrupted one keeps the meta set in device
   # memory): the same batches, so the same numbers, and the streamed path resumes mid-epoch too.
   streamed_meta = tiny_streamed("clothing1m", clothing_root, **{"data.meta_in_memory": False})
-  monkeypatch.setattr(loop, "check_finite", killed_mid_epoch_2)
-  with pytest.raises(KeyboardInterrupt):
-    experiment.train_and_evaluate(streamed_meta, str(tmp_path / "killed"))
+  # Killed at step 4 of the second epoch, after the checkpoint at its step 2.
+  tiny_config.run_killed(monkeypatch, lambda: experiment.train_and_evaluate(
+      streamed_meta, str(tmp_path / "killed")), epoch=1, step=4)
   assert not os.path.exists(tmp_path / "killed" / "results.json")
-  monkeypatch.setattr(loop, "check_finite", real_check)
   resumed = experiment.train_and_evaluate(streamed_meta, str(tmp_path / "killed"))
   assert _history_without_times(resumed) == _history_without_times(whole)
   restore = lambda d: ocp.CheckpointManager(str(d / "checkpoints")).restore(

@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mln_jax import config as config_lib, data as data_lib, experiment, in_memory, loop, methods
+from mln_jax import config as config_lib, data as data_lib, experiment, in_memory, methods
 from mln_jax import runtime, trained
 from mln_jax.dataset import Dataset, Split
 from mln_jax.train_state import state_from_config
@@ -120,16 +120,9 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
   config = tiny()
   uninterrupted = experiment.train_and_evaluate(config, str(tmp_path / "a"))
 
-  real_check = loop.check_finite
-  def killed_in_epoch_3(metrics, epoch, step, phase, run_dirs):
-    if epoch == 3:
-      raise KeyboardInterrupt("simulated kill")
-    real_check(metrics, epoch, step, phase, run_dirs)
-  monkeypatch.setattr(loop, "check_finite", killed_in_epoch_3)
-  with pytest.raises(KeyboardInterrupt):
-    experiment.train_and_evaluate(config, str(tmp_path / "b"))
+  tiny_config.run_killed(
+      monkeypatch, lambda: experiment.train_and_evaluate(config, str(tmp_path / "b")), epoch=3)
   assert not (tmp_path / "b" / "results.json").exists()
-  monkeypatch.setattr(loop, "check_finite", real_check)
   resumed = experiment.train_and_evaluate(config, str(tmp_path / "b"))
 
   strip = lambda history: [{k: v for k, v in h.items() if not k.endswith("_s")} for h in history]

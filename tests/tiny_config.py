@@ -35,3 +35,22 @@ def with_overrides(config, **overrides):
       target = target[parent]
     target[leaf] = value
   return config
+
+
+def run_killed(monkeypatch, run, epoch, step=None):
+  """Calls `run()` and kills it (KeyboardInterrupt, as a kill would) when the loop closes a logging
+  window of 0-based `epoch` (at `step` of it, if given), before the window's metrics are counted:
+  what was checkpointed stays, the rest is lost."""
+  import pytest  # here, not at the top: this file is also a --config file
+  from mln_jax import loop
+  real_check = loop.check_finite
+
+  def killed(metrics, at_epoch, at_step, phase, run_dirs):
+    if at_epoch == epoch and step in (None, at_step):
+      raise KeyboardInterrupt("simulated kill")
+    real_check(metrics, at_epoch, at_step, phase, run_dirs)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(loop, "check_finite", killed)
+    with pytest.raises(KeyboardInterrupt):
+      run()
