@@ -3,6 +3,7 @@ JSON files written atomically, and the environment a result was computed in."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -65,11 +66,21 @@ def read_json(path: str) -> Any:
     return json.load(f)
 
 
+def _version(package: str) -> str:
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:  # e.g. a source tree on the path
+    return "unknown"
+
+
 def run_environment(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """What a result was computed on and with: device, JAX version, precision settings, commit."""
+  """What a result was computed on and with: device, JAX and package versions, precision settings,
+  commit. (Numbers on a CPU can change with the processor and with the packages' versions.)"""
   return {"device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
           "processes": jax.process_count(),
           "jax_version": jax.__version__,
+          "packages": {name: _version(name) for name in
+                       ("jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")},
           "matmul_precision": config.matmul_precision,
           "compute_dtype": config.compute_dtype,
           "commit": git_commit()}
