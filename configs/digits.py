@@ -6,8 +6,9 @@ on a CPU in minutes.
 
 Prints a table of both methods' test accuracy (best-by-meta and last epoch) and writes
 workdir/{cross_entropy,metalabelnet}/results.json and workdir/comparison.json.
-Expected (experiments/results/digits_cpu.md, seeds 0-2, CPU, ~35 s each): test accuracy at the best
-meta epoch, cross-entropy 82.00 ± 3.78 vs MetaLabelNet 91.42 ± 1.26 (last epoch 78.42 vs 92.17).
+Expected (experiments/results/digits_cpu.md, seeds 0-2, a 2-core CPU, 40-45 s each): test accuracy
+at the best meta epoch, cross-entropy 83.08 ± 1.61 vs MetaLabelNet 89.92 ± 0.76 (last epoch 77.75
+vs 90.08); the last digits vary with the processor and package versions.
 """
 
 from mln_jax.config import default_config
