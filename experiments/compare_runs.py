@@ -1,14 +1,14 @@
-"""Whether two sets of finished runs computed the same thing: e.g. the same commands before and after
-a change of the code.
+"""Whether two sets of finished runs computed the same thing: e.g. the same commands before and
+after a change of the code.
 
   python experiments/compare_runs.py --before=/tmp/before_digits0 --after=/tmp/after_digits0 [...]
 
 Pairs every results.json under each `--before` folder with the one at the same relative path under
-the matching `--after` folder, and reports, per pair: whether the accuracies of every epoch, the best
-and last epochs and the label-issue report are identical, whether soft_labels.npz is bitwise equal,
-and, for every other per-epoch number (training metrics, times excluded), the largest relative
-difference. Exits non-zero if an accuracy, an epoch choice, a label-issue number or a soft label
-differs.
+the matching `--after` folder, and reports, per pair: whether the accuracies of every epoch, the
+best and last epochs and the label-issue report are identical, whether soft_labels.npz is bitwise
+equal, and, for every other per-epoch number (training metrics, times excluded), the largest
+relative difference. Exits non-zero if an accuracy, an epoch choice, a label-issue number or a soft
+label differs.
 """
 
 from __future__ import annotations

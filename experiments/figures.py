@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 Results = dict[str, Any]
 
 
-def _per_epoch(runs: Sequence[Results], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def per_epoch(runs: Sequence[Results], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Epochs (1-based) where every run has `key`, and its mean and std over the runs."""
   epochs = sorted(set.intersection(*[{r["epoch"] for r in run["history"] if key in r}
                                      for run in runs]))
@@ -60,7 +60,7 @@ def accuracy_curves(runs_by_method: dict[str, Sequence[Results]], warmup_epochs:
   warm-up marked (where there was one)."""
   figure, axis = plt.subplots(figsize=(6, 4))
   for method, runs in runs_by_method.items():
-    epochs, mean, std = _per_epoch(runs, "test_accuracy")
+    epochs, mean, std = per_epoch(runs, "test_accuracy")
     _band(axis, epochs, mean, std, f"{method} (n={len(runs)})")
   if warmup_epochs:
     axis.axvline(warmup_epochs + 0.5, color="grey", linestyle="--", label="end of warm-up")
@@ -74,12 +74,12 @@ def soft_label_stability(runs: Sequence[Results], path: pathlib.Path, title: str
   """Figure 4's idea: how often argmax soft labels change between epochs, and whom they agree
   with."""
   figure, (changes, agreement) = plt.subplots(1, 2, figsize=(10, 4))
-  epochs, mean, std = _per_epoch(runs, "soft_labels/changed_fraction")
+  epochs, mean, std = per_epoch(runs, "soft_labels/changed_fraction")
   _band(changes, epochs, mean, std, "changed since the previous epoch")
   changes.set(xlabel="epoch", ylabel="training samples (%)", title="argmax soft label changed")
   for key, label in (("soft_labels/clean_agreement", "= clean label"),
                      ("soft_labels/given_agreement", "= given (noisy) label")):
-    epochs, mean, std = _per_epoch(runs, key)
+    epochs, mean, std = per_epoch(runs, key)
     _band(agreement, epochs, mean, std, label)
   agreement.set(xlabel="epoch", ylabel="training samples (%)", title="argmax soft label")
   for axis in (changes, agreement):

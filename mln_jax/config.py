@@ -112,13 +112,14 @@ def default_config() -> ml_collections.ConfigDict:
   config.mln.inner_lr = 1.0              # α of the inner SGD step (reference: 1)
   config.mln.meta_gradient = "autodiff"  # 'autodiff' (jax.grad through optax) | 'jvp' (closed form)
 
-  config.checkpoint_every_epochs = 1     # in-memory datasets
-  # Streamed datasets: a checkpoint every so many steps (0: at epoch ends only) and a progress line
-  # every log_every_steps steps (checkpoint_every_steps must be a multiple of it).
+  config.checkpoint_every_epochs = 1     # and after the last epoch
+  # Streamed datasets: also a checkpoint every so many steps (0: at epoch ends only) and a progress
+  # line every log_every_steps steps (checkpoint_every_steps must be a multiple of it).
   config.checkpoint_every_steps = 0
   config.log_every_steps = 100
-  # Streamed datasets, MetaLabelNet: after training, one inference pass over the training images
-  # writes soft_labels.npz (in-memory datasets always write it).
+  # Methods with soft labels (MetaLabelNet): after training, one inference pass over the training
+  # images writes soft_labels.npz and the label-issue report; False skips it (a long pass over a
+  # streamed dataset).
   config.export_soft_labels = True
   # 'scan': an epoch is one jitted lax.scan (fast on GPU/TPU); 'host': one jitted call per step
   # (fast on CPU, where XLA's convolutions are slow inside loops); 'auto': 'host' on CPU, else

@@ -258,7 +258,10 @@ class InMemorySource:
     self.num_runs = len(configs)
     self.mesh = mesh or make_mesh()
     self.datasets = datasets
-    self._epoch_fns: dict[str, Callable[..., Any]] = {}
+    # Jitted programs, made once: per phase, per evaluated model and per soft-label function.
+    self._epoch_fns: dict[Phase, Callable[..., Any]] = {}
+    self._top_k_fns: dict[Callable[..., Any], Callable[..., Any]] = {}
+    self._soft_label_fns: dict[Callable[..., Any], Callable[..., Any]] = {}
 
   def load(self) -> list[Dataset]:
     """Every run's data (made unless given), checked against the batch size and put on the
@@ -289,15 +292,11 @@ class InMemorySource:
         "labelled": stacked(lambda d: d.labelled_indices),
         "all": put(np.tile(np.arange(len(first.train), dtype=np.int32), (self.num_runs, 1)))}
     self.image_shape = first.train.images.shape[1:]
-    self._predict_top = make_predict(
-        self.mesh, self.config.eval_batch_size,
-        lambda s, batch: jax.lax.top_k(steps.predict(s, batch["image"]),
-                                       min(5, first.num_classes))[1], self.num_runs)
-    self._soft_label_fns: dict[int, Callable[..., Any]] = {}
     return self.datasets
 
-  def init_state(self, method: Method) -> TrainState:
+  def init_state(self, method: Method, fresh: bool) -> TrainState:
     """The runs' fresh states, stacked (each from its own seed) and replicated."""
+    del fresh  # the same either way
     num_classes, num_train = self.datasets[0].num_classes, len(self.datasets[0].train)
     make = lambda key: method.init_state(
         state_from_config(self.config, self.image_shape, num_classes, key), num_train)
@@ -310,26 +309,35 @@ class InMemorySource:
   def train_chunks(self, state: TrainState, phase: Phase, epoch: int, start_step: int,
                    preempted: Callable[[int], bool], global_step: int) -> Iterator[Chunk]:
     """The whole epoch as one chunk (an epoch is one program); preemption is asked at its end."""
-    del start_step  # whole epochs are checkpointed; a run resumes at an epoch's start
-    if phase.name not in self._epoch_fns:
-      self._epoch_fns[phase.name] = make_train_epoch(self.config, self.mesh, phase, self.num_runs)
+    if start_step:
+      raise ValueError(f"In-memory epochs run whole, but epoch {epoch + 1} was to resume at step "
+                       f"{start_step}: a checkpoint of a streamed run?")
+    if phase not in self._epoch_fns:
+      self._epoch_fns[phase] = make_train_epoch(self.config, self.mesh, phase, self.num_runs)
     data = (self.images, self.labels) + (self.meta if phase.uses_meta else ())
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.rng, epoch)
     start = time.time()
-    state, metrics = self._epoch_fns[phase.name](state, data, self.indices[phase.trains_on], keys)
+    state, metrics = self._epoch_fns[phase](state, data, self.indices[phase.trains_on], keys)
     metrics = jax.tree.map(np.asarray, metrics)  # (steps, runs); waits for the epoch
     num_steps = next(iter(metrics.values())).shape[0]
     yield Chunk(state, metrics, num_steps, time.time() - start,
                 preempted(global_step + num_steps))
 
-  def evaluate(self, state: TrainState) -> list[dict[str, dict[str, float]]]:
-    """Per run: top-1 and top-5 accuracy on the meta split and every test split."""
+  def evaluate(self, state: TrainState, predict: Callable[[TrainState, jax.Array], jax.Array]
+               ) -> list[dict[str, dict[str, float]]]:
+    """Per run: top-1 and top-5 accuracy of `predict`'s logits on the meta split and every test
+    split."""
+    num_classes = self.datasets[0].num_classes
+    if predict not in self._top_k_fns:
+      top = lambda s, batch: jax.lax.top_k(predict(s, batch["image"]), min(5, num_classes))[1]
+      self._top_k_fns[predict] = make_predict(self.mesh, self.config.eval_batch_size, top,
+                                              self.num_runs)
     splits = {"meta": (self.meta[0], [d.meta.labels for d in self.datasets])}
     splits.update({name: (images, [d.tests[name].labels for d in self.datasets])
                    for name, images in self.tests.items()})
     per_run: list[dict[str, dict[str, float]]] = [{} for _ in self.datasets]
     for name, (images, labels) in splits.items():
-      top = np.asarray(self._predict_top(state, images))  # (runs, N, k)
+      top = np.asarray(self._top_k_fns[predict](state, images))  # (runs, N, k)
       for index, run_labels in enumerate(labels):
         hits = top[index] == run_labels[:, None]
         per_run[index][name] = {"accuracy": float(np.mean(hits[:, 0])),
@@ -338,12 +346,11 @@ class InMemorySource:
 
   def soft_labels(self, state: TrainState, phase: Phase) -> list[np.ndarray]:
     """Per run: `phase.soft_labels` of every training sample, (N, C) in training order."""
-    key = id(phase.soft_labels)
-    if key not in self._soft_label_fns:
-      self._soft_label_fns[key] = make_predict(self.mesh, self.config.eval_batch_size,
-                                               phase.soft_labels, self.num_runs,
-                                               shared_images=True)
-    return list(np.asarray(self._soft_label_fns[key](state, self.images)))
+    if phase.soft_labels not in self._soft_label_fns:
+      self._soft_label_fns[phase.soft_labels] = make_predict(
+          self.mesh, self.config.eval_batch_size, phase.soft_labels, self.num_runs,
+          shared_images=True)
+    return list(np.asarray(self._soft_label_fns[phase.soft_labels](state, self.images)))
 
   def export_extras(self, index: int) -> dict[str, np.ndarray]:
     del index

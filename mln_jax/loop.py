@@ -4,11 +4,11 @@ every epoch, model selection by meta accuracy, checkpoints, resume and results.
 A source (`in_memory.InMemorySource`, `streamed.StreamedSource`) gives the loop its data as a
 `dataset.Dataset` per run, fresh states, the chunks of an epoch (a whole jitted epoch in memory;
 logging windows of single steps when streamed) and evaluations. A method (`mln_jax.methods`) gives
-it
-phases: which step to run, on which samples, with or without meta batches. The loop owns everything
-else, the same way for both: workdir checks, checkpoints (`orbax`; resumed bitwise, also mid-epoch),
+it phases: which step to run, on which samples, with or without meta batches. The loop owns the
+rest, the same way for both: workdir checks, checkpoints (`orbax`; resumed bitwise, also mid-epoch),
 preemption notices, the non-finite check, logging windows, one record per epoch, TensorBoard
-summaries, the soft-label export and one results schema (`results.json`).
+summaries (per-epoch records at the epoch number, logging windows at the global step), the exports
+and one results schema (`results.json`).
 """
 
 from __future__ import annotations
@@ -41,18 +41,19 @@ class Chunk:
 
 
 class Source(Protocol):
-  """What the loop needs of a data source."""
-  num_runs: int
+  """What the loop needs of a data source (one per list of runs the loop trains together)."""
   stacked: bool              # the state has a leading run axis
   tracks_soft_labels: bool   # cheap enough to take every training sample's soft labels per epoch
   image_shape: tuple[int, ...]
 
   def load(self) -> list[Dataset]: ...
-  def init_state(self, method: Method) -> TrainState: ...
+  # `fresh`: no checkpoint will be restored onto it (e.g. pretrained weights are loaded then).
+  def init_state(self, method: Method, fresh: bool) -> TrainState: ...
   def steps_per_epoch(self, phase: Phase) -> int: ...
   def train_chunks(self, state: TrainState, phase: Phase, epoch: int, start_step: int,
                    preempted: Callable[[int], bool], global_step: int) -> Iterator[Chunk]: ...
-  def evaluate(self, state: TrainState) -> list[dict[str, dict[str, float]]]: ...
+  def evaluate(self, state: TrainState, predict: Callable[[TrainState, Any], Any]
+               ) -> list[dict[str, dict[str, float]]]: ...
   def soft_labels(self, state: TrainState, phase: Phase) -> list[np.ndarray]: ...
   def export_extras(self, index: int) -> dict[str, np.ndarray]: ...
 
@@ -67,12 +68,13 @@ def check_finite(metrics: dict[str, np.ndarray], epoch: int, step: int, phase: s
   for name, values in metrics.items():
     bad = ~np.isfinite(values)
     if bad.any():
-      run, first = np.argwhere(bad.T)[0]
+      first, run = np.argwhere(bad)[0]  # the earliest step, then the first run there
       raise FloatingPointError(
           f"Non-finite {name} in epoch {epoch + 1} ({phase}) of {run_dirs[run]}, first at step "
           f"{step - values.shape[0] + first + 1}: training diverged. Lower the learning rate "
-          f"(--config.optim.learning_rate, --config.mln.learning_rate or --config.mln.inner_lr) or "
-          f"check the input data. Runs trained with it stopped too; no results were written.")
+          f"(--config.optim.learning_rate, or the method's own: for MetaLabelNet "
+          f"--config.mln.learning_rate or --config.mln.inner_lr) or check the input data. Runs "
+          f"trained with it stopped too; no results were written.")
 
 
 def _split_names(dataset: Dataset) -> list[str]:
@@ -129,13 +131,13 @@ def _train_and_evaluate(configs: list[ml_collections.ConfigDict], workdir: str, 
       np.savez(os.path.join(run_dir, "labels.npz"), noisy=dataset.train.labels,
                clean=dataset.clean_train_labels)
 
-  state = source.init_state(method)
   checkpoints = ocp.CheckpointManager(
       os.path.abspath(checkpoint_dir),
       # Synchronous saves: a checkpoint is complete before training goes on, so a kill never loses
       # what was saved.
       options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
                                            enable_async_checkpointing=False))
+  state = source.init_state(method, fresh=checkpoints.latest_step() is None)
   progress = _fresh_progress(num_runs)
   if checkpoints.latest_step() is not None:
     latest = checkpoints.latest_step()
@@ -174,16 +176,17 @@ def _train_and_evaluate(configs: list[ml_collections.ConfigDict], workdir: str, 
     phase = method.phase_at(epoch)
     state = phase.enter(state, epoch == phase.first_epoch and start_step == 0)
     lr = config_lib.learning_rate_at(config, epoch)
-    state = method.set_learning_rate(state, lr)
+    state = method.begin_epoch(state, epoch, lr)
     num_steps = source.steps_per_epoch(phase)
     # A window interrupted by a preemption continues from its saved per-step metrics.
     window = [{k: np.asarray(v, np.float32) for k, v in m.items()} for m in progress["window"]]
-    window_start, preempted = time.time(), False
+    window_start, window_new_steps, preempted = time.time(), 0, False
     step = start_step
     for chunk in source.train_chunks(state, phase, epoch, start_step,
                                      checkpoints.reached_preemption, progress["global_step"]):
       state, preempted = chunk.state, chunk.preempted
       step += chunk.num_steps
+      window_new_steps += chunk.num_steps
       progress["global_step"] += chunk.num_steps
       window += [{k: v[i] for k, v in chunk.metrics.items()} for i in range(chunk.num_steps)]
       progress["epoch_train_s"] += chunk.seconds
@@ -199,11 +202,12 @@ def _train_and_evaluate(configs: list[ml_collections.ConfigDict], workdir: str, 
           logging.info("epoch %d/%d [%s] step %d/%d  loss %s  %.0f img/s", epoch + 1,
                        config.num_epochs, phase.name, step, num_steps,
                        " ".join(f"{v:.4f}" for v in window_metrics["loss"].mean(0)),
-                       len(window) * config.batch_size * num_runs / (time.time() - window_start))
+                       window_new_steps * config.batch_size * num_runs
+                       / (time.time() - window_start))
           for index, writer in enumerate(run_writers):
             writer.write_scalars(progress["global_step"], {
                 f"train_window/{k}": float(v[:, index].mean()) for k, v in window_metrics.items()})
-        window, window_start = [], time.time()
+        window, window_start, window_new_steps = [], time.time(), 0
       progress["step"] = step
       progress["window"] = ([{k: np.asarray(v).tolist() for k, v in m.items()} for m in window]
                             if preempted else [])
@@ -219,7 +223,7 @@ def _train_and_evaluate(configs: list[ml_collections.ConfigDict], workdir: str, 
                         "again to resume.")
 
     eval_start = time.time()
-    accuracies = source.evaluate(state)
+    accuracies = source.evaluate(state, method.predict)
     soft_argmax = None
     if phase.soft_labels is not None and source.tracks_soft_labels:
       soft_argmax = [soft.argmax(1) for soft in source.soft_labels(state, phase)]
@@ -274,9 +278,11 @@ def _finish(configs: list[ml_collections.ConfigDict], workdir: str, run_dirs: li
             source: Source, method: Method, state: TrainState, progress: dict[str, Any],
             datasets: list[Dataset], selected: list[str], start_time: float, lead: bool
             ) -> list[dict[str, Any]]:
-  """The soft-label export and every run's results.json."""
+  """The exports and every run's results.json."""
   config = configs[0]
   final_phase = method.phase_at(config.num_epochs - 1)
+  # As the last phase left it, also where the loop resumed after its last epoch's checkpoint.
+  state = final_phase.enter(state, False)
   soft_labels = None
   if final_phase.soft_labels is not None and config.export_soft_labels:
     # One inference pass over the training images: the export users of noisy-label tools expect.
@@ -295,6 +301,11 @@ def _finish(configs: list[ml_collections.ConfigDict], workdir: str, run_dirs: li
       if known.any():  # synthetic noise: every sample; Clothing1M: those with a clean label too
         label_issues = {"measured_on": int(known.sum()), **labels_lib.label_issue_report(
             given[known], soft_labels[index][known], clean[known])}
+    if method.export is not None and lead:
+      run_state = jax.tree.map(lambda x: x[index], state) if source.stacked else state
+      for name, values in method.export(run_state).items():
+        # Replicated on every device: this process's first copy is the whole array.
+        np.save(os.path.join(run_dir, f"{name}.npy"), np.asarray(values.addressable_data(0)))
     history = run["history"]
     results = {
         "method": method.name,

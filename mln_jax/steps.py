@@ -85,16 +85,18 @@ def soft_label_logits(state: TrainState, mln_params: Any, images: jax.Array) -> 
 
 
 def inner_update(state: TrainState, images: jax.Array,
-                 logits_loss: Callable[[jax.Array], jax.Array]) -> Any:
+                 logits_loss: Callable[[jax.Array], jax.Array],
+                 learning_rate: float | jax.Array | None = None) -> Any:
   """SPEC step 3: θ' = θ − α ∇_θ L(f_θ(x)), one optax SGD update of the classifier on any loss of
   its logits (MetaLabelNet: L_c against the soft labels; a reweighting method: a weighted
-  cross-entropy). Differentiable in whatever `logits_loss` closes over."""
+  cross-entropy). Differentiable in whatever `logits_loss` closes over. α is `learning_rate` (a
+  traced value may follow a schedule) or, by default, `state.inner_lr`."""
   def classification_loss(params):
     logits, _ = _forward_train(state, params, images)
     return logits_loss(logits)
 
   grads = jax.grad(classification_loss)(state.params)
-  inner_tx = optax.sgd(state.inner_lr)
+  inner_tx = optax.sgd(state.inner_lr if learning_rate is None else learning_rate)
   updates, _ = inner_tx.update(grads, inner_tx.init(state.params), state.params)
   return optax.apply_updates(state.params, updates)
 

@@ -27,13 +27,12 @@ from mln_jax import augment, file_lists, steps
 from mln_jax.dataset import Dataset
 from mln_jax.loop import Chunk
 from mln_jax.methods import Method, Phase
+from mln_jax.methods.base import StepFn
 from mln_jax.runtime import make_mesh, replicate
 from mln_jax.train_state import TrainState, state_from_config
 
 if TYPE_CHECKING:
   from mln_jax import input_pipeline
-
-StepFn = Callable[..., tuple[TrainState, dict[str, jax.Array]]]
 
 
 def _normalised(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -67,14 +66,16 @@ def make_train_step(phase: Phase, mesh: Mesh | None = None, meta_in_memory: bool
   return step_with_meta_from_memory
 
 
-def make_evaluate(num_classes: int) -> Callable[[TrainState, dict[str, jax.Array]],
-                                                 dict[str, jax.Array]]:
-  """Jitted counts of top-1 and top-5 hits over a uint8 batch's valid (not padding) images."""
+def make_evaluate(num_classes: int,
+                  predict: Callable[[TrainState, jax.Array], jax.Array] = steps.predict
+                  ) -> Callable[[TrainState, dict[str, jax.Array]], dict[str, jax.Array]]:
+  """Jitted counts of top-1 and top-5 hits of `predict`'s logits over a uint8 batch's valid (not
+  padding) images."""
   top_k = min(5, num_classes)
 
   @jax.jit
   def evaluate(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    logits = steps.predict(state, augment.normalise_imagenet(batch["image"]))
+    logits = predict(state, augment.normalise_imagenet(batch["image"]))
     _, best = jax.lax.top_k(logits, top_k)
     hits = best == batch["label"][:, None]
     valid = batch["valid"]
@@ -141,7 +142,8 @@ class StreamedSource:
   def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None = None):
     self.config = config
     self.mesh = mesh or make_mesh()
-    self._steps: dict[str, StepFn] = {}
+    self._steps: dict[tuple[Phase, bool], StepFn] = {}
+    self._evaluators: dict[Callable[..., Any], Callable[..., Any]] = {}
 
   def load(self) -> list[Dataset]:
     from mln_jax import input_pipeline
@@ -164,28 +166,29 @@ class StreamedSource:
     self.eval_prep = dataclasses.replace(self.prep, hflip=False)
     self.eval_batch_size = -(-config.eval_batch_size // mesh.size) * mesh.size
     self.image_shape = (config.data.image_size, config.data.image_size, 3)
-    self._evaluate = make_evaluate(self.dataset.num_classes)
     self._meta_in_memory = None  # decoded on first use
     return [self.dataset]
 
-  def init_state(self, method: Method) -> TrainState:
-    """A fresh state (from `config.model.pretrained` where given), replicated."""
+  def init_state(self, method: Method, fresh: bool) -> TrainState:
+    """A new state, replicated: for a fresh run from `config.model.pretrained` where given (a
+    resumed run restores its own weights onto it)."""
     config, name = self.config, self.dataset.name
-    state = method.init_state(state_from_config(config, self.image_shape, self.dataset.num_classes,
-                                                jax.random.PRNGKey(config.seed)),
-                              len(self.dataset.train))
-    if config.model.pretrained:
+    state = state_from_config(config, self.image_shape, self.dataset.num_classes,
+                              jax.random.PRNGKey(config.seed))
+    if fresh and config.model.pretrained:
       state = load_pretrained(config, state)
-    elif name == "clothing1m":
+    elif fresh and name == "clothing1m":
       logging.warning("The classifier starts from random weights; the paper's Clothing1M protocol "
                       "starts from ImageNet weights (--config.model.pretrained=<resnet50 .pth>).")
-    elif name == "image_folder" and config.model.name in ("resnet50", "resnet"):
+    elif fresh and name == "image_folder" and config.model.name in ("resnet50", "resnet"):
       logging.warning("The ResNet starts from random weights, but the schedule (lr %g, %d "
                       "epochs) is made for fine-tuning: give --config.model.pretrained=<resnet50 "
                       ".pth>, or a longer schedule (--config.num_epochs, warmup_epochs, "
                       "optim.learning_rate, optim.lr_boundaries).", config.optim.learning_rate,
                       config.num_epochs)
-    return replicate(self.mesh, state)
+    # The method's own state after the weights: it may start from them (a teacher, a second
+    # network).
+    return replicate(self.mesh, method.init_state(state, len(self.dataset.train)))
 
   def steps_per_epoch(self, phase: Phase) -> int:
     return len(self.indices[phase.trains_on]) // self.config.batch_size
@@ -202,7 +205,7 @@ class StreamedSource:
         dataset.train, self.indices[phase.trains_on], batch_size, self.prep, config.seed, epoch,
         start_step), mesh)
     in_memory = phase.uses_meta and config.data.meta_in_memory
-    key = (phase.name, in_memory)
+    key = (phase, in_memory)
     if key not in self._steps:
       self._steps[key] = make_train_step(phase, mesh, in_memory)
     step_fn = self._steps[key]
@@ -242,10 +245,15 @@ class StreamedSource:
         if notice:
           return
 
-  def evaluate(self, state: TrainState) -> list[dict[str, dict[str, float]]]:
+  def evaluate(self, state: TrainState, predict: Callable[[TrainState, jax.Array], jax.Array]
+               ) -> list[dict[str, dict[str, float]]]:
+    """Top-1 and top-5 accuracy of `predict`'s logits on the meta list and every test list."""
+    if predict not in self._evaluators:
+      self._evaluators[predict] = make_evaluate(self.dataset.num_classes, predict)
     splits = {"meta": self.dataset.meta, **self.dataset.tests}
-    return [{name: evaluate_list(self._evaluate, state, images, self.mesh, self.eval_batch_size,
-                                 self.eval_prep) for name, images in splits.items()}]
+    return [{name: evaluate_list(self._evaluators[predict], state, images, self.mesh,
+                                 self.eval_batch_size, self.eval_prep)
+             for name, images in splits.items()}]
 
   def soft_labels(self, state: TrainState, phase: Phase) -> list[np.ndarray]:
     return [predict_list(phase.soft_labels, state, self.dataset.train, self.mesh,

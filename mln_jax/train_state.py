@@ -1,4 +1,9 @@
-"""The train state: one pytree holding everything a MetaLabelNet run updates."""
+"""The train state: one pytree holding everything a run updates.
+
+The classifier, and MetaLabelNet's frozen extractor and soft-label network as first-class fields
+(the library's `meta_step` works on them; every state carries them, so checkpoints have one
+structure in all phases); other methods keep their own arrays in `method_state`.
+"""
 
 from __future__ import annotations
 
@@ -47,7 +52,8 @@ def set_learning_rate(opt_state: optax.OptState, learning_rate: float) -> optax.
 
 @flax.struct.dataclass
 class TrainState:
-  """Classifier, frozen feature extractor and MetaLabelNet, with their optimiser states.
+  """Classifier, frozen feature extractor and MetaLabelNet, with their optimiser states, and any
+  other method's state.
 
   Array fields are pytree leaves (checkpointed, donated to jitted steps); the functions and
   hyperparameters below them are static.

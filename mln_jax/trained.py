@@ -10,13 +10,14 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mln_jax import augment, config as config_lib, in_memory, methods, runtime, steps
+from mln_jax import augment, config as config_lib, in_memory, methods, runtime
 from mln_jax.train_state import TrainState, state_from_config
 
 
 def load_trained_state(workdir: str) -> tuple[TrainState, ml_collections.ConfigDict]:
-  """The final train state of a finished run in `workdir` (classifier, extractor, MetaLabelNet)
-  and its config; for a run trained together with others, its slice of their common checkpoint."""
+  """The final train state of a finished run in `workdir` (the classifier and its method's state:
+  MetaLabelNet's extractor and network) and its config; for a run trained together with others, its
+  slice of their common checkpoint."""
   results_path = os.path.join(workdir, runtime.RESULTS_FILE)
   if not os.path.exists(results_path):
     raise FileNotFoundError(f"{results_path} does not exist: {workdir} holds no finished run (for "
@@ -44,15 +45,21 @@ def load_trained_state(workdir: str) -> tuple[TrainState, ml_collections.ConfigD
 
 def soft_labels_for(state: TrainState, images: np.ndarray, config: ml_collections.ConfigDict,
                     batch_size: int = 1000) -> np.ndarray:
-  """MetaLabelNet's soft labels for uint8 NHWC images (new, unlabelled or training images).
+  """The soft labels a finished run's method gives uint8 NHWC images (MetaLabelNet's for new,
+  unlabelled or training images).
 
-  `state` and `config` are a finished run's, from `load_trained_state`: the config says how images
-  are normalised (streamed datasets: ImageNet's statistics; they must already have the run's size,
-  which `input_pipeline.decode_all` gives files).
+  `state` and `config` are a finished run's, from `load_trained_state`: the config names the method
+  and says how images are normalised (streamed datasets: ImageNet's statistics; they must already
+  have the run's size, which `input_pipeline.decode_all` gives files).
   """
+  method = methods.get(config)
+  soft_labels = method.phase_at(config.num_epochs - 1).soft_labels
+  if soft_labels is None:
+    raise ValueError(f"A {method.name} run has no soft labels: its last phase makes none "
+                     "(MetaLabelNet runs do).")
   streamed = config.data.name in config_lib.STREAMED_DATASETS
   mesh = runtime.make_mesh()
   predict = in_memory.make_predict(
-      mesh, batch_size, lambda s, batch: steps.predict_soft_labels(s, batch["image"]),
+      mesh, batch_size, soft_labels,
       normalise=augment.normalise_imagenet if streamed else augment.normalise)
   return np.asarray(predict(runtime.replicate(mesh, state), runtime.replicate(mesh, images)))

@@ -68,12 +68,12 @@ def test_assemble_groups_runs_by_the_ablated_value_and_writes_figures(tmp_path):
 
 def test_figures_average_runs_per_epoch_and_find_the_warmup(tmp_path):
   runs = [{"history": fake_history("metalabelnet", last)} for last in (0.6, 0.8)]
-  epochs, mean, std = figures._per_epoch(runs, "test_accuracy")
+  epochs, mean, std = figures.per_epoch(runs, "test_accuracy")
   np.testing.assert_array_equal(epochs, np.arange(1, 7))
   np.testing.assert_allclose(mean[-1], 0.7)
   np.testing.assert_allclose(std[-1], 0.1)
   # Phase-2 statistics exist from epoch 3 (changed fraction from epoch 4).
-  assert figures._per_epoch(runs, "soft_labels/changed_fraction")[0].tolist() == [4, 5, 6]
+  assert figures.per_epoch(runs, "soft_labels/changed_fraction")[0].tolist() == [4, 5, 6]
   assert figures.warmup_epochs_of(runs) == 2
   assert figures.warmup_epochs_of([{"history": fake_history("cross_entropy", 0.5)}]) is None
   assert figures.warmup_epochs_of([]) is None

@@ -13,7 +13,7 @@ import pytest
 
 from mln_jax import experiment, methods, steps, trained
 from mln_jax.methods import Method, Phase
-from mln_jax.train_state import state_from_config
+from mln_jax.train_state import set_learning_rate, state_from_config
 
 TESTS = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
@@ -51,6 +51,8 @@ def test_phases_of_the_two_methods():
   assert ce_phase.step is mln.phases[0].step  # the warm-up is cross-entropy's step
   with pytest.raises(ValueError, match="phases must start at epoch 0"):
     Method("broken", (Phase("late", 3, steps.warmup_step),))
+  with pytest.raises(ValueError, match="no phase selects the best epoch"):
+    Method("blind", (Phase("only", 0, steps.warmup_step, selects_best=False),))
 
 
 def test_the_loop_and_the_experiments_name_no_method():
@@ -91,22 +93,31 @@ def test_a_loss_only_method_is_one_registry_entry(tmp_path, monkeypatch):
 
 
 def _visit_counting_method(config):
-  """A method with per-sample state: each sample's visits, and the label its batch carried."""
+  """A method with per-sample state (each sample's visits, and the label its batch carried), a
+  per-epoch hook (epochs begun) and an export (the visits)."""
   del config
   base_step = steps.supervised_step(_label_smoothing(0.0))
 
   def init_state(state, num_train):
     return state.replace(method_state={"visits": jnp.zeros(num_train, jnp.int32),
-                                       "seen_label": jnp.full(num_train, -2, jnp.int32)})
+                                       "seen_label": jnp.full(num_train, -2, jnp.int32),
+                                       "epochs_begun": jnp.zeros((), jnp.int32)})
+
+  def begin_epoch(state, epoch, learning_rate):
+    state = state.replace(opt_state=set_learning_rate(state.opt_state, learning_rate))
+    table = state.method_state
+    return state.replace(method_state={**table, "epochs_begun": table["epochs_begun"] + 1})
 
   def step(state, batch):
     state, metrics = base_step(state, batch)
     table = state.method_state
     return state.replace(method_state={
-        "visits": table["visits"].at[batch["index"]].add(1),
+        **table, "visits": table["visits"].at[batch["index"]].add(1),
         "seen_label": table["seen_label"].at[batch["index"]].set(batch["label"])}), metrics
 
-  return Method("visit_counting", (Phase("counting", 0, step),), init_state=init_state)
+  return Method("visit_counting", (Phase("counting", 0, step),), init_state=init_state,
+                begin_epoch=begin_epoch,
+                export=lambda state: {"visits": state.method_state["visits"]})
 
 
 @pytest.mark.slow
@@ -133,6 +144,10 @@ def test_per_sample_state_follows_shuffles_checkpoints_and_runs(tmp_path, monkey
     # The table entry of sample i holds sample i's label, in each run's own noisy labels.
     np.testing.assert_array_equal(seen[visits > 0], labels[visits > 0])
     assert np.all(seen[visits == 0] == -2)
+    # Once per epoch, also across the kill; the export is the run's own table.
+    assert int(state_b.method_state["epochs_begun"]) == 3
+    np.testing.assert_array_equal(np.load(tmp_path / "b" / f"run_{index}" / "visits.npy"),
+                                  np.asarray(state_b.method_state["visits"]))
   labels_0, labels_1 = (np.load(tmp_path / "a" / f"run_{i}" / "labels.npz")["noisy"]
                         for i in (0, 1))
   assert (labels_0 != labels_1).any()  # the runs' tables are their own, not copies

@@ -338,7 +338,10 @@ def test_clothing1m_run_resumed_mid_epoch_equals_an_uninterrupted_run(tmp_path, 
   # checkpoints at epoch ends only: at global step 9 (epoch 2, step 3 of 6, inside a logging
   # window) and at step 12 (the last of epoch 2). Each time the run checkpoints and stops.
   epoch_ends_only = tiny_streamed("clothing1m", clothing_root, checkpoint_every_steps=0)
-  for notice, message in ((9, r"at step 9 \(epoch 2, step 3/6\)"), (12, "at the end of epoch 2")):
+  # And at step 18, the run's last: its checkpoint holds the finished training, so the resumed run
+  # only exports and writes its results.
+  for notice, message in ((9, r"at step 9 \(epoch 2, step 3/6\)"), (12, "at the end of epoch 2"),
+                          (18, "at the end of epoch 3")):
     asked = []
 
     def reached_preemption(self, step, notice=notice, asked=asked):
@@ -356,11 +359,13 @@ def test_clothing1m_run_resumed_mid_epoch_equals_an_uninterrupted_run(tmp_path, 
   # The first resumes streaming its meta set: a setting that may change on resume (e.g. when the
   # device memory runs short), as it does not change the numbers.
   resume_configs = {9: tiny_streamed("clothing1m", clothing_root, checkpoint_every_steps=0,
-                                     **{"data.meta_in_memory": False}), 12: epoch_ends_only}
+                                     **{"data.meta_in_memory": False}), 12: epoch_ends_only,
+                    18: epoch_ends_only}
   for notice, resume_config in resume_configs.items():
-    resumed = experiment.train_and_evaluate(resume_config,
-                                                     str(tmp_path / f"notice{notice}"))
+    resumed = experiment.train_and_evaluate(resume_config, str(tmp_path / f"notice{notice}"))
     assert _history_without_times(resumed) == _history_without_times(whole)
+    with np.load(tmp_path / f"notice{notice}" / "soft_labels.npz") as soft:
+      np.testing.assert_allclose(soft["soft_label"], exported["soft_label"], rtol=1e-6)
 
 
 def test_evaluation_counts_every_image_once_despite_padding(tmp_path, clothing_root):

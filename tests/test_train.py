@@ -80,10 +80,9 @@ def test_a_finished_workdir_returns_its_results_and_refuses_another_config(finis
   with pytest.raises(ValueError, match="different config .*noise"):
     experiment.run(tiny_config.with_overrides(finished, **{"noise.rate": 0.2}),
                    str(finished_digits_run))
-  # A cross-entropy run has no frozen extractor, so it gives no soft labels (instead of an untrained
-  # MetaLabelNet's).
+  # A cross-entropy run gives no soft labels (instead of an untrained MetaLabelNet's).
   state, run_config = trained.load_trained_state(str(finished_digits_run))
-  with pytest.raises(ValueError, match="no frozen feature extractor"):
+  with pytest.raises(ValueError, match="A cross_entropy run has no soft labels"):
     trained.soft_labels_for(state, np.zeros((4, 8, 8, 1), np.uint8), run_config)
 
 

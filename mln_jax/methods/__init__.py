@@ -8,20 +8,22 @@ phase's `enter` when it starts (or resumes inside it), and tracks and exports th
 
 Adding a method: write `mln_jax/methods/<name>.py` with a `method(config) -> Method` and add one
 line to `REGISTRY` below; its settings go in their own group of `mln_jax/config.py`. The shapes of
-the
-methods this fits:
+the methods this fits:
 - a loss-only method (SCE, GCE, Bootstrapping): one phase (or a cross-entropy warm-up first) whose
   step is `steps.supervised_step` with the method's loss of (logits, labels);
 - extra networks or a teacher (Co-teaching's second network, MLNT's EMA teacher, Meta-Weight-Net's
-  weighting network): kept in `TrainState.method_state`, made by the method's `init_state`; their
-  optimiser's learning rate follows the schedule through the method's `set_learning_rate`;
+  weighting network): kept in `TrainState.method_state`, made by the method's `init_state` (after
+  any pretrained weights are loaded); their optimisers' rates and the method's own schedules (a
+  forget rate) are set per epoch by its `begin_epoch`; `predict` says which model is evaluated;
 - per-sample state (Joint Optimization's and PENCIL's label distributions, MSLG's soft labels): an
   (N, C) table in `method_state`, read and written at `batch["index"]` (every batch carries its
   samples' ids, so the table follows every shuffle); it is checkpointed with the state and stacked
-  per run under `num_runs` like every other leaf;
-- bilevel methods: `steps.meta_gradient_autodiff` differentiates through the inner optax update of
-any
-  loss of the classifier's logits, with respect to any meta parameters.
+  per run under `num_runs` like every other leaf; a phase's `soft_labels` may read it at
+  `batch["index"]` (exported with the label-issue report like MetaLabelNet's), and the method's
+  `export` writes any other per-sample array (sample weights, selections);
+- bilevel methods: `steps.meta_gradient_autodiff` differentiates through the inner optax update
+  (`steps.inner_update`, at a given or scheduled step size) of any loss of the classifier's logits,
+  with respect to any meta parameters.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def resolve(spec: str | Sequence[str]) -> tuple[str, ...]:
 def get(config: ml_collections.ConfigDict) -> Method:
   """The one method `config.method` names, built from (and checked against) `config`."""
   resolved = resolve(config.method)
-  if len(resolved) != 1 or config.method in GROUPS:
+  if len(resolved) != 1 or (isinstance(config.method, str) and config.method in GROUPS):
     raise ValueError(f"config.method={config.method!r} names {len(resolved)} methods; one run "
                      "trains one (mln_jax.experiment.run trains several, one after another).")
   return REGISTRY[resolved[0]](config)

@@ -8,6 +8,7 @@ from typing import Callable
 
 import jax
 
+from mln_jax import steps
 from mln_jax.train_state import TrainState, set_learning_rate
 
 Batch = dict[str, jax.Array]
@@ -20,7 +21,8 @@ def _unchanged(state: TrainState, begins: bool) -> TrainState:
   return state
 
 
-def _classifier_learning_rate(state: TrainState, learning_rate: float) -> TrainState:
+def _classifier_learning_rate(state: TrainState, epoch: int, learning_rate: float) -> TrainState:
+  del epoch
   return state.replace(opt_state=set_learning_rate(state.opt_state, learning_rate))
 
 
@@ -68,22 +70,34 @@ class Method:
 
   Attributes:
     name: the registry name, written to results.json.
-    phases: the phases, by increasing `first_epoch`.
+    phases: the phases, by increasing `first_epoch`; at least one `selects_best`.
     init_state: `(fresh state, number of training samples) -> state` with the method's own
-      `method_state` added.
-    set_learning_rate: `(state, rate) -> state` for the epoch's scheduled rate (every optimiser the
-      schedule drives; by default the classifier's).
+      `method_state` added (copies, not aliases, of any parameters it starts from: a donated state
+      must not hold one buffer twice).
+    begin_epoch: `(state, 0-based epoch, scheduled learning rate) -> state`, before every epoch:
+      sets the rate of every optimiser the schedule drives (by default the classifier's, an
+      `inject_hyperparams` optimiser) and any per-epoch schedule of the method, kept as arrays in
+      `method_state` so that jitted steps read it (e.g. Co-teaching's forget rate).
+    predict: `(state, normalised images) -> logits` of the model the method evaluates (by default
+      the classifier; a method with a teacher may evaluate the teacher).
+    export: `state -> {name: per-sample array}` of what the method learnt about its training
+      samples beyond soft labels (sample weights, selections), written to `<name>.npy` files in
+      each run's folder; None for nothing.
   """
   name: str
   phases: tuple[Phase, ...]
   init_state: Callable[[TrainState, int], TrainState] = _no_method_state
-  set_learning_rate: Callable[[TrainState, float], TrainState] = _classifier_learning_rate
+  begin_epoch: Callable[[TrainState, int, float], TrainState] = _classifier_learning_rate
+  predict: Callable[[TrainState, jax.Array], jax.Array] = steps.predict
+  export: Callable[[TrainState], dict[str, jax.Array]] | None = None
 
   def __post_init__(self):
     starts = [phase.first_epoch for phase in self.phases]
     if not starts or starts[0] != 0 or starts != sorted(set(starts)):
       raise ValueError(f"Method {self.name!r}: phases must start at epoch 0 and then at increasing "
                        f"epochs, got {starts}.")
+    if not any(phase.selects_best for phase in self.phases):
+      raise ValueError(f"Method {self.name!r}: no phase selects the best epoch (selects_best).")
 
   def phase_at(self, epoch: int) -> Phase:
     """The phase 0-based `epoch` belongs to."""
