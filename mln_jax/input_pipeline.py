@@ -148,9 +148,9 @@ class Stream:
       index += 1
 
 
-def _batches(images: ImageList, order: np.ndarray, flips: np.ndarray, prep: Preprocessing,
-             start_step: int, extra: dict[str, np.ndarray] | None = None,
-             every_process_whole: bool = False) -> Stream:
+def stream_of(images: ImageList, order: np.ndarray, flips: np.ndarray, prep: Preprocessing,
+              start_step: int, extra: dict[str, np.ndarray] | None = None,
+              every_process_whole: bool = False) -> Stream:
   """This process's batches `order[start_step:]` (rows are steps), decoded in parallel, in order;
   with `every_process_whole`, the whole batches in every process."""
   part = (lambda x: x) if every_process_whole else _local_slice
@@ -180,7 +180,7 @@ def train_batches(images: ImageList, indices: np.ndarray, batch_size: int, prep:
   """
   order = indices[epoch_order(len(indices), batch_size, seed, epoch)]
   flips = _flips(order.shape, seed, epoch, _TRAIN_FLIPS, prep.hflip)
-  return _batches(images, order, flips, prep, start_step, extra={"index": order.astype(np.int32)})
+  return stream_of(images, order, flips, prep, start_step, extra={"index": order.astype(np.int32)})
 
 
 def meta_schedule(num_items: int, num_steps: int, batch_size: int, seed: int, epoch: int,
@@ -195,7 +195,7 @@ def meta_batches(images: ImageList, num_steps: int, batch_size: int, prep: Prepr
                  seed: int, epoch: int, start_step: int = 0) -> Stream:
   """The `num_steps` meta batches that go with training epoch `epoch`, from step `start_step` on."""
   order, flips = meta_schedule(len(images), num_steps, batch_size, seed, epoch, prep.hflip)
-  return _batches(images, order, flips, prep, start_step)
+  return stream_of(images, order, flips, prep, start_step)
 
 
 def decode_all(images: ImageList, prep: Preprocessing, batch_size: int = 256) -> np.ndarray:
@@ -204,8 +204,8 @@ def decode_all(images: ImageList, prep: Preprocessing, batch_size: int = 256) ->
   prep = dataclasses.replace(prep, hflip=False)
   num_steps = -(-len(images) // batch_size)
   order = np.minimum(np.arange(num_steps * batch_size), len(images) - 1).reshape(num_steps, -1)
-  stream = _batches(images, order, np.zeros(order.shape, bool), prep, 0,
-                    every_process_whole=True)
+  stream = stream_of(images, order, np.zeros(order.shape, bool), prep, 0,
+                     every_process_whole=True)
   pixels = np.empty((len(images), prep.image_size, prep.image_size, 3), np.uint8)
   for index, batch in enumerate(stream):  # filled in place: one copy of the set in host memory
     rows = pixels[index * batch_size:(index + 1) * batch_size]
@@ -221,8 +221,8 @@ def eval_batches(images: ImageList, batch_size: int, prep: Preprocessing) -> Str
   positions = np.arange(num_steps * batch_size).reshape(num_steps, batch_size)
   valid = positions < len(images)
   order = np.where(valid, positions, 0)
-  return _batches(images, order, np.zeros(order.shape, bool), prep, 0,
-                  extra={"valid": valid, "index": order.astype(np.int32)})
+  return stream_of(images, order, np.zeros(order.shape, bool), prep, 0,
+                   extra={"valid": valid, "index": order.astype(np.int32)})
 
 
 def device_batches(stream: Stream, mesh: Mesh, prefetch: int = 2

@@ -237,7 +237,7 @@ def test_preprocessing_resizes_crops_and_flips(tmp_path):
   images = file_lists.ImageList(np.asarray([str(tmp_path / "a.png")] * 2), np.asarray([0, 0]))
   order, flips = np.asarray([[0, 1]]), np.asarray([[False, True]])
   shorter = input_pipeline.Preprocessing(20, 16, resize_mode="shorter_side")
-  batch = next(iter(input_pipeline._batches(images, order, flips, shorter, 0)))
+  batch = next(iter(input_pipeline.stream_of(images, order, flips, shorter, 0)))
   plain, flipped = batch["image"]
   assert plain.shape == (16, 16, 3)
   # Shorter side 40 -> 20 keeps the aspect (20x40); the centre crop keeps the red mark in the
@@ -246,7 +246,7 @@ def test_preprocessing_resizes_crops_and_flips(tmp_path):
   assert plain[8, 0].mean() < 60 and plain[8, 15].mean() > 200  # black left, white right
   np.testing.assert_array_equal(flipped, plain[:, ::-1])
   square = input_pipeline.Preprocessing(20, 16, resize_mode="square")
-  squashed = next(iter(input_pipeline._batches(images, order, flips, square, 0)))
+  squashed = next(iter(input_pipeline.stream_of(images, order, flips, square, 0)))
   assert squashed["image"].shape == (2, 16, 16, 3)
   assert not np.array_equal(squashed["image"][0], plain)  # 40x80 -> 20x20 squashes the image
   with pytest.raises(ValueError, match="resize_mode='crop'"):
