@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mln_jax import config as config_lib, experiment, file_lists, in_memory, methods, streamed
 from mln_jax.methods import Method, Phase
 from mln_jax.runtime import git_commit, make_mesh, replicate, write_json_atomically
-from mln_jax.train_state import TrainState, state_from_config
+from mln_jax.train_state import TrainState
 
 TARGETS = {  # images/s or seconds, one H100, batch 128, float32
     "meta_step_images_per_s": 40_000,
@@ -66,8 +66,7 @@ def _phase_state(config: ml_collections.ConfigDict, method: Method, phase: Phase
                  image_shape: tuple[int, ...], num_classes: int, num_train: int, key: jax.Array
                  ) -> TrainState:
   """A fresh state as `phase` runs on it (entered: MetaLabelNet's extractor frozen)."""
-  state = method.init_state(state_from_config(config, image_shape, num_classes, key), num_train)
-  return phase.enter(state, True)
+  return phase.enter(method.new_state(config, image_shape, num_classes, num_train, key), True)
 
 
 def measure_epoch(config: ml_collections.ConfigDict, method: Method, phase: Phase, num_steps: int,
@@ -127,7 +126,7 @@ def measured_phases(config: ml_collections.ConfigDict) -> list[tuple[Method, Pha
   step): what the benchmark times."""
   seen, phases = set(), []
   for name in methods.names():
-    method = methods.get(_with_method(config, name))
+    method = methods.get(methods.with_method(config, name))
     for phase in method.phases:
       if phase.step not in seen:
         seen.add(phase.step)
@@ -149,12 +148,6 @@ def _cases(config: ml_collections.ConfigDict, meta_gradients: Sequence[str]
         name += f"/{meta_gradient}"
       cases.append((name, case_config, method, phase))
   return cases
-
-
-def _with_method(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-  config = config.copy_and_resolve_references()
-  config.method = name
-  return config
 
 
 def _streamed_num_classes(config: ml_collections.ConfigDict) -> int:

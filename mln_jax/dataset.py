@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from mln_jax import noise as noise_lib
+
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: `==` on array fields is ambiguous.
 class Split:
@@ -60,7 +62,8 @@ def noise_summary(kind: str, rate: float | None, given: np.ndarray, clean: np.nd
   """`Dataset.noise`: the share of wrong labels among the labelled samples whose truth is known."""
   known = (clean >= 0) & (given >= 0)
   return {"kind": kind, "rate": rate,
-          "realised_rate": float(np.mean(clean[known] != given[known])) if known.any() else None,
+          "realised_rate": (noise_lib.realised_noise_rate(clean[known], given[known])
+                            if known.any() else None),
           "measured_on": int(known.sum())}
 
 

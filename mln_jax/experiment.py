@@ -92,8 +92,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[dict[
   for name in method_names:
     method_configs[name] = []
     for run_config in configs:
-      method_config = run_config.copy_and_resolve_references()
-      method_config.method = name
+      method_config = methods.with_method(run_config, name)
       methods.get(method_config)  # every method's settings are checked before any trains
       method_configs[name].append(method_config)
   method_dirs = {m: workdir if len(method_names) == 1 else os.path.join(workdir, m)

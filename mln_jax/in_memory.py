@@ -298,8 +298,7 @@ class InMemorySource:
     """The runs' fresh states, stacked (each from its own seed) and replicated."""
     del fresh  # the same either way
     num_classes, num_train = self.datasets[0].num_classes, len(self.datasets[0].train)
-    make = lambda key: method.init_state(
-        state_from_config(self.config, self.image_shape, num_classes, key), num_train)
+    make = lambda key: method.new_state(self.config, self.image_shape, num_classes, num_train, key)
     keys = jnp.stack([jax.random.PRNGKey(c.seed) for c in self.configs])
     return replicate(self.mesh, jax.vmap(make)(keys))
 

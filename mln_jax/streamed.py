@@ -29,7 +29,7 @@ from mln_jax.loop import Chunk
 from mln_jax.methods import Method, Phase
 from mln_jax.methods.base import StepFn
 from mln_jax.runtime import make_mesh, replicate
-from mln_jax.train_state import TrainState, state_from_config
+from mln_jax.train_state import TrainState, copy_tree, state_from_config
 
 if TYPE_CHECKING:
   from mln_jax import input_pipeline
@@ -125,11 +125,10 @@ def load_pretrained(config: ml_collections.ConfigDict, state: TrainState) -> Tra
   variables, skipped = pretrained.load_pretrained_resnet(config.model.pretrained, state.variables)
   logging.info("Loaded %s%s.", config.model.pretrained,
                f" (kept this model's own {', '.join(skipped)})" if skipped else "")
-  copy = lambda tree: jax.tree.map(jnp.copy, tree)  # distinct buffers for a donated state
   return state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
                        opt_state=state.tx.init(variables["params"]),
-                       extractor_params=copy(variables["params"]),
-                       extractor_batch_stats=copy(variables["batch_stats"]))
+                       extractor_params=copy_tree(variables["params"]),
+                       extractor_batch_stats=copy_tree(variables["batch_stats"]))
 
 
 class StreamedSource:

@@ -125,8 +125,8 @@ def create_train_state(
       opt_state=tx.init(params),
       # Until the warm-up ends the extractor is a copy of the initial classifier; keeping it in the
       # state from the start gives checkpoints one structure in both phases.
-      extractor_params=_copy(params),
-      extractor_batch_stats=_copy(batch_stats),
+      extractor_params=copy_tree(params),
+      extractor_batch_stats=copy_tree(batch_stats),
       mln_params=mln_params,
       mln_opt_state=mln_tx.init(mln_params),
       rng=state_rng,
@@ -142,12 +142,12 @@ def create_train_state(
 
 def freeze_extractor(state: TrainState) -> TrainState:
   """Phase 1 -> 2: the current classifier becomes the (never trained again) feature extractor."""
-  return state.replace(extractor_params=_copy(state.params),
-                       extractor_batch_stats=_copy(state.batch_stats), extractor_frozen=True)
+  return state.replace(extractor_params=copy_tree(state.params),
+                       extractor_batch_stats=copy_tree(state.batch_stats), extractor_frozen=True)
 
 
-def _copy(tree: PyTree) -> PyTree:
-  # Distinct buffers: a donated state must not hold one buffer twice.
+def copy_tree(tree: PyTree) -> PyTree:
+  """`tree` in distinct buffers: a donated state must not hold one buffer twice."""
   return jax.tree.map(jnp.copy, tree)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mln_jax import augment, config as config_lib, in_memory, methods, runtime
-from mln_jax.train_state import TrainState, state_from_config
+from mln_jax.train_state import TrainState
 
 
 def load_trained_state(workdir: str) -> tuple[TrainState, ml_collections.ConfigDict]:
@@ -26,8 +26,8 @@ def load_trained_state(workdir: str) -> tuple[TrainState, ml_collections.ConfigD
   results = runtime.read_json(results_path)
   where = results["checkpoint"]
   method = methods.get(config)
-  make = lambda key: method.init_state(state_from_config(
-      config, tuple(results["image_shape"]), results["num_classes"], key), results["num_train"])
+  make = lambda key: method.new_state(config, tuple(results["image_shape"]),
+                                      results["num_classes"], results["num_train"], key)
   stacked = where["num_runs"] is not None  # runs trained together have a leading run axis
   abstract = (jax.eval_shape(jax.vmap(make), jnp.zeros((where["num_runs"], 2), jnp.uint32))
               if stacked else jax.eval_shape(make, jnp.zeros((2,), jnp.uint32)))

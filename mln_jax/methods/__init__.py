@@ -35,7 +35,7 @@ import ml_collections
 from mln_jax.methods import cross_entropy, metalabelnet
 from mln_jax.methods.base import Method, Phase
 
-__all__ = ["Method", "Phase", "REGISTRY", "get", "names", "resolve"]
+__all__ = ["Method", "Phase", "REGISTRY", "get", "names", "resolve", "with_method"]
 
 REGISTRY: dict[str, Callable[[ml_collections.ConfigDict], Method]] = {
     "cross_entropy": cross_entropy.method,
@@ -67,6 +67,13 @@ def resolve(spec: str | Sequence[str]) -> tuple[str, ...]:
   if not resolved:
     raise ValueError(f"config.method={spec!r} names no method; choose from {', '.join(REGISTRY)}.")
   return tuple(resolved)
+
+
+def with_method(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """A copy of `config` that trains the one method `name`."""
+  config = config.copy_and_resolve_references()
+  config.method = name
+  return config
 
 
 def get(config: ml_collections.ConfigDict) -> Method:

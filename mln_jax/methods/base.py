@@ -7,9 +7,10 @@ import dataclasses
 from typing import Callable
 
 import jax
+import ml_collections
 
 from mln_jax import steps
-from mln_jax.train_state import TrainState, set_learning_rate
+from mln_jax.train_state import TrainState, set_learning_rate, state_from_config
 
 Batch = dict[str, jax.Array]
 # (state, batch) -> (state, metrics), or (state, batch, meta_batch) -> ... where `uses_meta`.
@@ -98,6 +99,11 @@ class Method:
                        f"epochs, got {starts}.")
     if not any(phase.selects_best for phase in self.phases):
       raise ValueError(f"Method {self.name!r}: no phase selects the best epoch (selects_best).")
+
+  def new_state(self, config: ml_collections.ConfigDict, image_shape: tuple[int, ...],
+                num_classes: int, num_train: int, key: jax.Array) -> TrainState:
+    """A fresh state of `config`'s classifier with this method's own state added."""
+    return self.init_state(state_from_config(config, image_shape, num_classes, key), num_train)
 
   def phase_at(self, epoch: int) -> Phase:
     """The phase 0-based `epoch` belongs to."""
