@@ -38,4 +38,18 @@ def get_config():
   config.optim.learning_rate = 0.05
   config.optim.lr_boundaries = (15, 35)
   config.mln.learning_rate = 1e-2
+  # The baselines' epoch and step settings scaled from the reference's 120 epochs of 391 steps to
+  # these 45 epochs of 37 steps (experiments/methods_digits.py runs them all).
+  config.joint_optimization.step1_epochs = 45
+  config.joint_optimization.step1_learning_rate = 0.05
+  config.joint_optimization.label_start_epoch = 26
+  config.joint_optimization.window = 4
+  # The label logits' gradients scale with 1/batch size: their step sizes with the batch (32/128).
+  config.pencil.label_lr = 100.0
+  config.mslg.label_lr = 1000.0
+  config.pencil.stage2_epoch = 8
+  config.pencil.stage3_epoch = 30
+  config.coteaching.num_gradual = 4
+  config.mlnt.start_step = 48
+  config.mlnt.ramp_end_step = 190
   return config

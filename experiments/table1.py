@@ -1,11 +1,13 @@
-"""Table I of the paper on CIFAR-10: every registered method (`mln_jax.methods`), uniform and
-feature-dependent noise at 20/40/60/80%, the paper's protocol (configs/cifar10.py), 3 seeds per
-cell.
+"""Table I of the paper on CIFAR-10: its twelve rows (cross-entropy, the ten baselines and
+MetaLabelNet: the registry's group 'table1', `mln_jax.methods`), uniform and feature-dependent
+noise at 20/40/60/80%, the paper's protocol (configs/cifar10.py), 3 seeds per cell.
 
 Two sub-commands:
 
-  python experiments/table1.py plan [--seeds=3] [--local=/tmp/table1 [--data_dir=DIR]]
-      prints one training command per (method, noise kind, rate) cell; each trains the cell's seeds
+  python experiments/table1.py plan [--seeds=3] [--methods=table1] [--local=/tmp/table1
+                                    [--data_dir=DIR]]
+      prints one training command per (method, noise kind, rate) cell (--methods: any names or
+      groups, e.g. 'references' for the reference-code variants); each trains the cell's seeds
       together (`--config.num_runs`). Without --local the commands are for this project's lent GPU
       (experiments/gpu/run.sh; meant to fit one 600 s device call, not yet timed there); with
       --local they are plain `python -m mln_jax.main` commands writing under that folder, for any
@@ -14,8 +16,9 @@ Two sub-commands:
       reads every finished run under the given folders (results.json with its config.json) and
       writes experiments/results/table1.md and table1.json: mean ± std of test accuracy at the best
       meta epoch and at the last epoch, the realised noise rate, and the paper's number beside each
-      cell; missing cells are marked. Runs of another dataset or protocol (other epochs, model,
-      schedule, meta-data size, ...) are skipped and named, so they cannot pass for Table I.
+      cell (a reference variant's beside its method's); missing cells are marked; the rows are
+      Table I's, then any other method found. Runs of another dataset or protocol (other epochs,
+      model, schedule, meta-data size, ...) are skipped and named, so they cannot pass for Table I.
 """
 
 from __future__ import annotations
@@ -52,11 +55,18 @@ def cell_name(method: str, kind: str, rate: float) -> str:
   return f"{method}_{kind}_{round(100 * rate)}"
 
 
-def plan(seeds: int, local: str = "", data_dir: str = "../shared/data/cifar10") -> list[str]:
+def paper_row(method: str) -> dict[str, list[str]]:
+  """The paper's numbers for `method`'s row; a reference variant has its published method's."""
+  base = method.replace("_reference", "").replace("_oracle", "")
+  return PAPER.get(method, PAPER.get(base, {}))
+
+
+def plan(seeds: int, local: str = "", data_dir: str = "../shared/data/cifar10",
+         method_spec: str = "table1") -> list[str]:
   """One command per cell: for the lent GPU (experiments/gpu/run.sh), or with `local` a plain
   command writing under that folder."""
   commands = []
-  for method in methods.names():
+  for method in methods.resolve(method_spec):
     for kind in KINDS:
       for rate in RATES:
         name = cell_name(method, kind, rate)
@@ -118,10 +128,12 @@ def assemble(folders: list[pathlib.Path], command: str, out: pathlib.Path = RESU
       "|---|---|" + "---|" * len(RATES),
   ]
   table: dict[str, Any] = {}
-  for method in methods.names():
+  rows = list(methods.resolve("table1"))
+  rows += [m for m in methods.names() if m not in rows and any(k[0] == m for k in cells)]
+  for method in rows:
     for kind in KINDS:
       row = []
-      for rate, paper in zip(RATES, PAPER.get(method, {}).get(kind, ["n/a"] * len(RATES))):
+      for rate, paper in zip(RATES, paper_row(method).get(kind, ["n/a"] * len(RATES))):
         runs = cells.get((method, kind, round(rate, 4)), [])
         if not runs:
           row.append(f"not run ({paper})")
@@ -143,7 +155,7 @@ def assemble(folders: list[pathlib.Path], command: str, out: pathlib.Path = RESU
             "idea)."]
   for kind in KINDS:
     for rate in RATES:
-      by_method = {m: cells[(m, kind, round(rate, 4))] for m in methods.names()
+      by_method = {m: cells[(m, kind, round(rate, 4))] for m in rows
                    if (m, kind, round(rate, 4)) in cells}
       if not by_method:
         continue
@@ -160,6 +172,8 @@ def main() -> None:
   commands = parser.add_subparsers(dest="command_name", required=True)
   plan_parser = commands.add_parser("plan", help="print one command per cell")
   plan_parser.add_argument("--seeds", type=int, default=3)
+  plan_parser.add_argument("--methods", default="table1",
+                           help="config.method names or groups (default: Table I's rows)")
   plan_parser.add_argument("--local", default="",
                            help="folder for local runs (else the GPU script)")
   plan_parser.add_argument("--data_dir", default="../shared/data/cifar10",
@@ -170,7 +184,7 @@ def main() -> None:
   assemble_parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
   args = parser.parse_args()
   if args.command_name == "plan":
-    print("\n".join(plan(args.seeds, args.local, args.data_dir)))
+    print("\n".join(plan(args.seeds, args.local, args.data_dir, args.methods)))
   else:
     print(assemble(args.results, args.command, args.out))
 

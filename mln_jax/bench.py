@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 from absl import app, flags, logging
 import jax
+import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
@@ -66,7 +67,8 @@ def _phase_state(config: ml_collections.ConfigDict, method: Method, phase: Phase
                  image_shape: tuple[int, ...], num_classes: int, num_train: int, key: jax.Array
                  ) -> TrainState:
   """A fresh state as `phase` runs on it (entered: MetaLabelNet's extractor frozen)."""
-  return phase.enter(method.new_state(config, image_shape, num_classes, num_train, key), True)
+  labels = jnp.arange(num_train, dtype=jnp.int32) % num_classes
+  return phase.enter(method.new_state(config, image_shape, num_classes, labels, labels, key), True)
 
 
 def measure_epoch(config: ml_collections.ConfigDict, method: Method, phase: Phase, num_steps: int,
@@ -107,12 +109,15 @@ def measure_epoch(config: ml_collections.ConfigDict, method: Method, phase: Phas
           "compile_and_first_epoch_overhead_s": max(first - steady, 0.0)}
 
 
-def step_flops(config: ml_collections.ConfigDict, method: Method, phase: Phase) -> float | None:
+def step_flops(config: ml_collections.ConfigDict, method: Method, phase: Phase,
+               image_shape: tuple[int, ...] = (32, 32, 3), num_classes: int = 10,
+               num_train: int | None = None) -> float | None:
   """FLOPs of one step of `phase` as XLA counts them for this device's compiled program (None if
-  unknown)."""
-  state = _phase_state(config, method, phase, (32, 32, 3), 10, config.batch_size,
-                       jax.random.PRNGKey(0))
-  batch = {"image": jax.ShapeDtypeStruct((config.batch_size, 32, 32, 3), np.float32),
+  unknown), on images of `image_shape` (CIFAR-10's by default) and `num_train` training samples
+  (a method's per-sample tables; default one batch)."""
+  state = _phase_state(config, method, phase, image_shape, num_classes,
+                       num_train or config.batch_size, jax.random.PRNGKey(0))
+  batch = {"image": jax.ShapeDtypeStruct((config.batch_size, *image_shape), np.float32),
            "label": jax.ShapeDtypeStruct((config.batch_size,), np.int32),
            "index": jax.ShapeDtypeStruct((config.batch_size,), np.int32)}
   args = (state, batch, batch) if phase.uses_meta else (state, batch)

@@ -112,6 +112,78 @@ def default_config() -> ml_collections.ConfigDict:
   config.mln.inner_lr = 1.0              # α of the inner SGD step (reference: 1)
   config.mln.meta_gradient = "autodiff"  # 'autodiff' (jax.grad through optax) | 'jvp' (closed form)
 
+  # The baselines' settings (mln_jax/methods; ../shared/BASELINES.md): the MetaLabelNet
+  # reference's CIFAR-10 values (they made the paper's Table I), the original papers' beside them.
+  config.sce = ml_collections.ConfigDict()
+  config.sce.alpha = 0.1                 # weight of CE (SCE paper, CIFAR-10)
+  config.sce.beta = 1.0                  # weight of reverse CE
+  config.sce.label_clip = 1e-4           # log 0 in reverse CE is log(label_clip) (paper: A = -4)
+
+  config.gce = ml_collections.ConfigDict()
+  config.gce.q = 0.7                     # L_q = (1 - p_y^q) / q
+
+  config.bootstrap = ml_collections.ConfigDict()
+  config.bootstrap.beta = 0.95           # target = beta * label + (1 - beta) * prediction (soft)
+
+  config.forward = ml_collections.ConfigDict()
+  # Epochs of the cross-entropy network the noise matrix is estimated from (0: num_epochs, a whole
+  # cross-entropy run, as the paper); the corrected network then trains num_epochs more.
+  config.forward.estimator_epochs = 0
+  config.forward.percentile = 97.0       # per class, the anchor is just below this percentile
+
+  config.joint_optimization = ml_collections.ConfigDict()
+  # Step 1 (labels updated) at a constant rate, then step 2: a fresh network, num_epochs on the
+  # final labels with the configured schedule. JO paper: 200 epochs at lr 0.1 (ResNet-32).
+  config.joint_optimization.step1_epochs = 120
+  config.joint_optimization.step1_learning_rate = 0.01
+  config.joint_optimization.alpha = 1.2  # class-prior KL weight (JO code default 1.0)
+  config.joint_optimization.beta = 0.8   # entropy weight (JO code default 0.5)
+  config.joint_optimization.label_start_epoch = 70  # 1-based step-1 epoch of the first update
+  config.joint_optimization.window = 10  # epochs of predictions averaged into the labels
+
+  config.pencil = ml_collections.ConfigDict()
+  config.pencil.alpha = 0.1              # compatibility loss L_o (PENCIL code: 0.4)
+  config.pencil.beta = 0.8               # entropy loss L_e (PENCIL code: 0.1)
+  config.pencil.label_lr = 400.0         # lambda, plain GD on the label logits (PENCIL code: 600)
+  config.pencil.k = 10.0                 # initial label logits K * one-hot
+  config.pencil.stage2_epoch = 21        # 0-based first epoch of label learning (s1; code: 70)
+  config.pencil.stage3_epoch = 80        # 0-based first epoch with frozen labels (s2; code: 200)
+
+  config.coteaching = ml_collections.ConfigDict()
+  # tau, the final share of each batch left out; < 0: noise.rate (the paper: the true rate).
+  config.coteaching.forget_rate = -1.0
+  config.coteaching.num_gradual = 10     # T_k: epochs of the linear ramp to tau
+  config.coteaching.exponent = 1.0       # c: the ramp reaches tau^c
+
+  config.mwnet = ml_collections.ConfigDict()
+  config.mwnet.hidden = 100              # VNet 1 -> hidden -> 1
+  config.mwnet.learning_rate = 1e-3      # Adam
+  config.mwnet.weight_decay = 1e-4       # L2 added to the gradient
+  # Weights normalised in the batch, w_i / sum_j w_j (the MW-Net paper's first script); False:
+  # (1/B) sum_i w_i l_i (its later script and the MetaLabelNet reference).
+  config.mwnet.normalize_weights = False
+
+  config.mlnt = ml_collections.ConfigDict()
+  # Epochs of the cross-entropy network whose features pick the synthetic labels (0: num_epochs);
+  # the student then trains num_epochs more from a fresh start.
+  config.mlnt.feature_epochs = 0
+  config.mlnt.num_synthetic = 10         # M synthetic label sets per step
+  config.mlnt.fraction = 0.5             # rho: share of the batch relabelled
+  config.mlnt.neighbours = 10            # k nearest neighbours in feature space
+  config.mlnt.meta_lr = 0.2              # alpha of the fast-weight step (Clothing1M code: 0.02)
+  config.mlnt.weight = 1.0               # w, the consistency loss's final weight
+  config.mlnt.start_step = 500           # student global steps before the meta loss starts
+  config.mlnt.ramp_end_step = 2000       # end of the weight and EMA ramp
+  config.mlnt.ema_ramp = 0.99            # teacher EMA decay during the ramp
+  config.mlnt.ema = 0.999                # and after it
+
+  config.mslg = ml_collections.ConfigDict()
+  # The warm-up (cross-entropy) is config.warmup_epochs, as MetaLabelNet's (reference: E1 = 44).
+  config.mslg.inner_lr = 0.5             # alpha of the inner SGD step
+  config.mslg.label_lr = 4000.0          # beta, plain GD on the label logits
+  config.mslg.entropy_weight = 1.0       # gamma
+  config.mslg.k = 10.0                   # initial label logits K * one-hot
+
   config.checkpoint_every_epochs = 1     # and after the last epoch
   # Streamed datasets: also a checkpoint every so many steps (0: at epoch ends only) and a progress
   # line every log_every_steps steps (checkpoint_every_steps must be a multiple of it).

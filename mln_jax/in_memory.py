@@ -297,10 +297,12 @@ class InMemorySource:
   def init_state(self, method: Method, fresh: bool) -> TrainState:
     """The runs' fresh states, stacked (each from its own seed) and replicated."""
     del fresh  # the same either way
-    num_classes, num_train = self.datasets[0].num_classes, len(self.datasets[0].train)
-    make = lambda key: method.new_state(self.config, self.image_shape, num_classes, num_train, key)
+    num_classes = self.datasets[0].num_classes
+    make = lambda key, labels, clean: method.new_state(self.config, self.image_shape, num_classes,
+                                                       labels, clean, key)
     keys = jnp.stack([jax.random.PRNGKey(c.seed) for c in self.configs])
-    return replicate(self.mesh, jax.vmap(make)(keys))
+    clean = np.stack([d.clean_train_labels for d in self.datasets])
+    return replicate(self.mesh, jax.jit(jax.vmap(make))(keys, self.labels, clean))
 
   def steps_per_epoch(self, phase: Phase) -> int:
     return self.indices[phase.trains_on].shape[1] // self.config.batch_size
@@ -350,6 +352,14 @@ class InMemorySource:
           self.mesh, self.config.eval_batch_size, phase.soft_labels, self.num_runs,
           shared_images=True)
     return list(np.asarray(self._soft_label_fns[phase.soft_labels](state, self.images)))
+
+  def training_pass(self, state: TrainState, per_batch: Callable[..., jax.Array],
+                    absorb: Callable[[TrainState, jax.Array], TrainState]) -> TrainState:
+    """Per run, `absorb(run's state, outputs)` of `per_batch` over every training sample (in
+    sample-id order)."""
+    outputs = make_predict(self.mesh, self.config.eval_batch_size, per_batch, self.num_runs,
+                           shared_images=True)(state, self.images)
+    return jax.jit(jax.vmap(absorb))(state, outputs)
 
   def export_extras(self, index: int) -> dict[str, np.ndarray]:
     del index

@@ -41,6 +41,20 @@ def label_issue_report(given: np.ndarray, soft_labels: np.ndarray, clean: np.nda
   return report
 
 
+def score_report(given: np.ndarray, scores: np.ndarray, clean: np.ndarray) -> dict[str, float]:
+  """Precision (= recall) of the k labelled samples with the highest label-issue `scores` (k = the
+  number of truly wrong labels): the report of a method without soft labels (sample weights,
+  selections turned into scores)."""
+  labelled = np.flatnonzero(given >= 0)
+  wrong = given[labelled] != clean[labelled]
+  num_wrong = int(wrong.sum())
+  report = {"labelled": len(labelled), "wrong_labels": num_wrong}
+  if num_wrong:
+    top = np.argsort(-np.asarray(scores)[labelled], kind="stable")[:num_wrong]
+    report["top_k_precision"] = report["top_k_recall"] = float(wrong[top].mean())
+  return report
+
+
 def soft_label_agreement(argmax: np.ndarray, given: np.ndarray, clean: np.ndarray,
                          previous_argmax: np.ndarray | None) -> dict[str, float]:
   """Per-epoch soft-label statistics (the paper's Figure 4 idea): agreement of argmax soft labels

@@ -55,6 +55,9 @@ class Source(Protocol):
   def evaluate(self, state: TrainState, predict: Callable[[TrainState, Any], Any]
                ) -> list[dict[str, dict[str, float]]]: ...
   def soft_labels(self, state: TrainState, phase: Phase) -> list[np.ndarray]: ...
+  # `absorb(state, outputs)` of `per_batch` over every training sample (Phase.start_pass/start).
+  def training_pass(self, state: TrainState, per_batch: Callable[..., Any],
+                    absorb: Callable[[TrainState, Any], TrainState]) -> TrainState: ...
   def export_extras(self, index: int) -> dict[str, np.ndarray]: ...
 
 
@@ -171,11 +174,16 @@ def _train_and_evaluate(configs: list[ml_collections.ConfigDict], workdir: str, 
   # What `best` and `last` report: the epoch's accuracies on the meta split and every test split.
   selected = ["epoch"] + [f"{name}_{what}" for name in split_names for what in ("accuracy", "top5")]
   log_every = config.log_every_steps
-  while progress["epoch"] < config.num_epochs:
+  num_epochs = method.total_epochs(config)
+  while progress["epoch"] < num_epochs:
     epoch, start_step = progress["epoch"], progress["step"]
     phase = method.phase_at(epoch)
-    state = phase.enter(state, epoch == phase.first_epoch and start_step == 0)
-    lr = config_lib.learning_rate_at(config, epoch)
+    begins = epoch == phase.first_epoch and start_step == 0
+    if begins and phase.start is not None:
+      state = source.training_pass(state, phase.start_pass, phase.start)
+    state = phase.enter(state, begins)
+    lr = (phase.learning_rate(epoch) if phase.learning_rate is not None
+          else config_lib.learning_rate_at(config, epoch))
     state = method.begin_epoch(state, epoch, lr)
     num_steps = source.steps_per_epoch(phase)
     # A window interrupted by a preemption continues from its saved per-step metrics.
@@ -200,7 +208,7 @@ def _train_and_evaluate(configs: list[ml_collections.ConfigDict], workdir: str, 
             run["sums"][name] = run["sums"].get(name, 0.0) + float(values[:, index].sum())
         if len(window) < num_steps:  # an epoch of several windows: a line per window
           logging.info("epoch %d/%d [%s] step %d/%d  loss %s  %.0f img/s", epoch + 1,
-                       config.num_epochs, phase.name, step, num_steps,
+                       num_epochs, phase.name, step, num_steps,
                        " ".join(f"{v:.4f}" for v in window_metrics["loss"].mean(0)),
                        window_new_steps * config.batch_size * num_runs
                        / (time.time() - window_start))
@@ -223,7 +231,7 @@ def _train_and_evaluate(configs: list[ml_collections.ConfigDict], workdir: str, 
                         "again to resume.")
 
     eval_start = time.time()
-    accuracies = source.evaluate(state, method.predict)
+    accuracies, chosen = _evaluate(source, state, method)
     soft_argmax = None
     if phase.soft_labels is not None and source.tracks_soft_labels:
       soft_argmax = [soft.argmax(1) for soft in source.soft_labels(state, phase)]
@@ -236,6 +244,7 @@ def _train_and_evaluate(configs: list[ml_collections.ConfigDict], workdir: str, 
       for name in split_names:
         record.update({f"{name}_accuracy": accuracies[index][name]["accuracy"],
                        f"{name}_top5": accuracies[index][name]["top5"]})
+      record.update(chosen[index])
       record.update({"train_time_s": train_time, "epoch_time_s": epoch_time,
                      "images_per_s": num_steps * config.batch_size * num_runs / train_time})
       if soft_argmax is not None:
@@ -253,14 +262,14 @@ def _train_and_evaluate(configs: list[ml_collections.ConfigDict], workdir: str, 
                                                    if isinstance(v, float) and k != "epoch"})
     per_run = lambda key: " ".join(f"{r['history'][-1][key]:.4f}" for r in progress["runs"])
     logging.info("epoch %3d/%d [%s] lr %.0e  loss %s  %s  %.0f img/s (%.1f s)", epoch + 1,
-                 config.num_epochs, phase.name, lr, per_run("train/loss"),
+                 num_epochs, phase.name, lr, per_run("train/loss"),
                  "  ".join(f"{name} acc {per_run(f'{name}_accuracy')} top-5 "
                            f"{per_run(f'{name}_top5')}" for name in split_names),
                  num_steps * config.batch_size * num_runs / train_time, epoch_time)
     progress.update(epoch=epoch + 1, step=0, epoch_train_s=0.0,
                     elapsed_s=progress["elapsed_s"] + epoch_time)
     if (preempted or (epoch + 1) % config.checkpoint_every_epochs == 0
-        or epoch + 1 == config.num_epochs):
+        or epoch + 1 == num_epochs):
       save()
     if preempted:
       checkpoints.wait_until_finished()
@@ -274,13 +283,33 @@ def _train_and_evaluate(configs: list[ml_collections.ConfigDict], workdir: str, 
                  start_time, lead)
 
 
+def _evaluate(source: Source, state: TrainState, method: Method
+              ) -> tuple[list[dict[str, dict[str, float]]], list[dict[str, Any]]]:
+  """Per run, the accuracies of the model that stands for the epoch, and what the record says
+  about the choice: with several `method.models`, the one with the highest meta accuracy (the first
+  of equals), its name as `model` and every model's `<name>/<split>_accuracy`."""
+  if not method.models:
+    accuracies = source.evaluate(state, method.predict)
+    return accuracies, [{} for _ in accuracies]
+  per_model = {name: source.evaluate(state, predict) for name, predict in method.models}
+  names = list(per_model)
+  accuracies, chosen = [], []
+  for index in range(len(per_model[names[0]])):
+    best = max(names, key=lambda n: (per_model[n][index]["meta"]["accuracy"], -names.index(n)))
+    accuracies.append(per_model[best][index])
+    chosen.append({"model": best, **{f"{n}/{split}_accuracy": values["accuracy"]
+                                      for n in names
+                                      for split, values in per_model[n][index].items()}})
+  return accuracies, chosen
+
+
 def _finish(configs: list[ml_collections.ConfigDict], workdir: str, run_dirs: list[str],
             source: Source, method: Method, state: TrainState, progress: dict[str, Any],
             datasets: list[Dataset], selected: list[str], start_time: float, lead: bool
             ) -> list[dict[str, Any]]:
   """The exports and every run's results.json."""
   config = configs[0]
-  final_phase = method.phase_at(config.num_epochs - 1)
+  final_phase = method.phase_at(method.total_epochs(config) - 1)
   # As the last phase left it, also where the loop resumed after its last epoch's checkpoint.
   state = final_phase.enter(state, False)
   soft_labels = None
@@ -301,11 +330,20 @@ def _finish(configs: list[ml_collections.ConfigDict], workdir: str, run_dirs: li
       if known.any():  # synthetic noise: every sample; Clothing1M: those with a clean label too
         label_issues = {"measured_on": int(known.sum()), **labels_lib.label_issue_report(
             given[known], soft_labels[index][known], clean[known])}
+    run_state = jax.tree.map(lambda x: x[index], state) if source.stacked else state
+    # Replicated on every device: this process's first copy is the whole array.
+    local = lambda values: np.asarray(values.addressable_data(0))
     if method.export is not None and lead:
-      run_state = jax.tree.map(lambda x: x[index], state) if source.stacked else state
       for name, values in method.export(run_state).items():
-        # Replicated on every device: this process's first copy is the whole array.
-        np.save(os.path.join(run_dir, f"{name}.npy"), np.asarray(values.addressable_data(0)))
+        np.save(os.path.join(run_dir, f"{name}.npy"), local(values))
+    if soft_labels is None and method.label_issue_scores is not None:
+      scores = local(method.label_issue_scores(run_state))
+      if lead:
+        np.save(os.path.join(run_dir, "label_issue_scores.npy"), scores)
+      known = (clean >= 0) & (given >= 0)
+      if known.any():
+        label_issues = {"measured_on": int(known.sum()), **labels_lib.score_report(
+            given[known], scores[known], clean[known])}
     history = run["history"]
     results = {
         "method": method.name,

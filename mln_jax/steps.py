@@ -24,27 +24,38 @@ Metrics = dict[str, jax.Array]
 _DROPOUT_STREAMS = {"train": 2**31 - 1, "meta": 2**31 - 2}
 
 
-def _forward_train(state: TrainState, params: Any, images: jax.Array, stream: str = "train"
-                   ) -> tuple[jax.Array, Any]:
+def forward_train(state: TrainState, params: Any, images: jax.Array, stream: str = "train",
+                  batch_stats: Any = None) -> tuple[jax.Array, Any]:
   """Classifier logits in training mode (BatchNorm batch statistics) and the updated running stats.
 
   Every forward pass of one step over one stream drops the same units, so that the inner update,
   the JVP and the final update of `meta_step` see one and the same function of the parameters.
+  `batch_stats` (default the classifier's) are the running statistics to update: a second network
+  passes its own.
   """
   dropout_key = jax.random.fold_in(jax.random.fold_in(state.rng, _DROPOUT_STREAMS[stream]),
                                    state.step)
-  (logits, _), mutated = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
+  batch_stats = state.batch_stats if batch_stats is None else batch_stats
+  (logits, _), mutated = state.apply_fn({"params": params, "batch_stats": batch_stats},
                                         images, train=True, mutable=["batch_stats"],
                                         rngs={"dropout": dropout_key})
   return logits, mutated.get("batch_stats", {})
 
 
-def _labelled_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Accuracy of argmax(logits) over the samples with a label (label >= 0); 0 where there are
-  none."""
+def labelled_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Batch accuracy of argmax(logits) over the samples with a label (label >= 0); 0 where there
+  are none."""
   labelled = labels >= 0
   hits = (jnp.argmax(logits, -1) == labels) & labelled
   return hits.sum() / jnp.maximum(labelled.sum(), 1)
+
+
+def apply_classifier_gradients(state: TrainState, grads: Any, batch_stats: Any) -> TrainState:
+  """One update of the classifier's optimiser (SGD with momentum and L2) with `grads`, its running
+  statistics replaced by `batch_stats` (those of the step's training forward), the step counted."""
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                       batch_stats=batch_stats, opt_state=opt_state)
 
 
 def supervised_step(loss_fn: Callable[[jax.Array, jax.Array], jax.Array]
@@ -53,16 +64,13 @@ def supervised_step(loss_fn: Callable[[jax.Array, jax.Array], jax.Array]
   classifier's BatchNorm statistics updated: the whole of a loss-only method."""
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     def objective(params):
-      logits, batch_stats = _forward_train(state, params, batch["image"])
+      logits, batch_stats = forward_train(state, params, batch["image"])
       return loss_fn(logits, batch["label"]), (logits, batch_stats)
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
         state.params)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1,
-                              params=optax.apply_updates(state.params, updates),
-                              batch_stats=batch_stats, opt_state=opt_state)
-    return new_state, {"loss": loss, "accuracy": _labelled_accuracy(logits, batch["label"])}
+    return (apply_classifier_gradients(state, grads, batch_stats),
+            {"loss": loss, "accuracy": labelled_accuracy(logits, batch["label"])})
   return step
 
 
@@ -92,7 +100,7 @@ def inner_update(state: TrainState, images: jax.Array,
   cross-entropy). Differentiable in whatever `logits_loss` closes over. α is `learning_rate` (a
   traced value may follow a schedule) or, by default, `state.inner_lr`."""
   def classification_loss(params):
-    logits, _ = _forward_train(state, params, images)
+    logits, _ = forward_train(state, params, images)
     return logits_loss(logits)
 
   grads = jax.grad(classification_loss)(state.params)
@@ -104,23 +112,25 @@ def inner_update(state: TrainState, images: jax.Array,
 def meta_loss(state: TrainState, params: Any, meta_batch: Batch) -> tuple[jax.Array, jax.Array]:
   """SPEC step 4: cross-entropy on the clean meta batch (BatchNorm in training mode, stats
   discarded). Returns the loss and the logits."""
-  logits, _ = _forward_train(state, params, meta_batch["image"], stream="meta")
+  logits, _ = forward_train(state, params, meta_batch["image"], stream="meta")
   return losses.cross_entropy(logits, meta_batch["label"]), logits
 
 
 def meta_gradient_autodiff(state: TrainState, images: jax.Array, meta_batch: Batch,
                            meta_params: Any,
-                           inner_loss_of: Callable[[Any], Callable[[jax.Array], jax.Array]]
+                           inner_loss_of: Callable[[Any], Callable[[jax.Array], jax.Array]],
+                           learning_rate: float | jax.Array | None = None
                            ) -> tuple[jax.Array, Any, jax.Array]:
   """∇ L_meta with respect to `meta_params`, by `jax.grad` through the inner optax update (second
   order): L_meta(θ − α ∇_θ L(f_θ(x))) with L = `inner_loss_of(meta_params)`, a loss of the logits.
 
   Any bilevel method with a meta network that shapes the classifier's loss fits: MetaLabelNet's
-  `inner_loss_of(φ)` is L_c against the soft labels MLN_φ(e(x)). Returns the meta loss, the
-  gradient and the meta batch's logits.
+  `inner_loss_of(φ)` is L_c against the soft labels MLN_φ(e(x)). The inner step size is
+  `learning_rate` (default `state.inner_lr`). Returns the meta loss, the gradient and the meta
+  batch's logits.
   """
   def meta_objective(params):
-    fast_params = inner_update(state, images, inner_loss_of(params))
+    fast_params = inner_update(state, images, inner_loss_of(params), learning_rate)
     return meta_loss(state, fast_params, meta_batch)
 
   (loss, meta_logits), grads = jax.value_and_grad(meta_objective, has_aux=True)(meta_params)
@@ -141,7 +151,7 @@ def meta_gradient_jvp(state: TrainState, images: jax.Array, meta_batch: Batch, f
   (loss, meta_logits), g = jax.value_and_grad(
       lambda p: meta_loss(state, p, meta_batch), has_aux=True)(fast_params)
 
-  probabilities = lambda params: jax.nn.softmax(_forward_train(state, params, images)[0])
+  probabilities = lambda params: jax.nn.softmax(forward_train(state, params, images)[0])
   _, jvp_p = jax.jvp(probabilities, (state.params,), (g,))
   # Chain through ŷ = softmax(logits): ∂L/∂logits = ŷ ⊙ (∂L/∂ŷ − Σ_c ŷ_c ∂L/∂ŷ_c). With
   # ∂L/∂ŷ = a/ŷ the ŷ cancels: ∂L/∂logits = a − ŷ Σ_c a_c, finite even where ŷ underflows to 0.
@@ -182,7 +192,7 @@ def meta_step(state: TrainState, batch: Batch, meta_batch: Batch) -> tuple[Train
   log_soft_labels = jax.nn.log_softmax(new_soft_logits)
 
   def train_loss(params):
-    logits, batch_stats = _forward_train(state, params, images)
+    logits, batch_stats = forward_train(state, params, images)
     classification = losses.soft_label_kl(logits, log_soft_labels)
     entropy = losses.entropy(logits)
     return classification + entropy, (logits, batch_stats, classification, entropy)
@@ -200,9 +210,9 @@ def meta_step(state: TrainState, batch: Batch, meta_batch: Batch) -> tuple[Train
       "classification_loss": classification,
       "entropy_loss": entropy,
       "meta_loss": loss_on_meta,
-      "meta_batch_accuracy": _labelled_accuracy(meta_logits, meta_batch["label"]),
+      "meta_batch_accuracy": labelled_accuracy(meta_logits, meta_batch["label"]),
       # How often the generated label's argmax keeps the given (noisy) label, over labelled samples.
-      "soft_label_agreement": _labelled_accuracy(new_soft_logits, batch["label"]),
+      "soft_label_agreement": labelled_accuracy(new_soft_logits, batch["label"]),
       "accuracy_vs_soft_labels": jnp.mean(jnp.argmax(logits, -1) == soft_argmax),
   }
   return new_state, metrics

@@ -172,14 +172,16 @@ class StreamedSource:
     """A new state, replicated: for a fresh run from `config.model.pretrained` where given (a
     resumed run restores its own weights onto it)."""
     config, name = self.config, self.dataset.name
-    state = state_from_config(config, self.image_shape, self.dataset.num_classes,
-                              jax.random.PRNGKey(config.seed))
-    if fresh and config.model.pretrained:
-      state = load_pretrained(config, state)
-    elif fresh and name == "clothing1m":
+
+    def new_classifier(key):  # also a method's second network or fresh network starts so
+      state = state_from_config(config, self.image_shape, self.dataset.num_classes, key)
+      return load_pretrained(config, state) if fresh and config.model.pretrained else state
+
+    if fresh and not config.model.pretrained and name == "clothing1m":
       logging.warning("The classifier starts from random weights; the paper's Clothing1M protocol "
                       "starts from ImageNet weights (--config.model.pretrained=<resnet50 .pth>).")
-    elif fresh and name == "image_folder" and config.model.name in ("resnet50", "resnet"):
+    elif (fresh and not config.model.pretrained and name == "image_folder"
+          and config.model.name in ("resnet50", "resnet")):
       logging.warning("The ResNet starts from random weights, but the schedule (lr %g, %d "
                       "epochs) is made for fine-tuning: give --config.model.pretrained=<resnet50 "
                       ".pth>, or a longer schedule (--config.num_epochs, warmup_epochs, "
@@ -187,7 +189,9 @@ class StreamedSource:
                       config.num_epochs)
     # The method's own state after the weights: it may start from them (a teacher, a second
     # network).
-    return replicate(self.mesh, method.init_state(state, len(self.dataset.train)))
+    return replicate(self.mesh, method.new_state(
+        config, self.image_shape, self.dataset.num_classes, self.dataset.train.labels,
+        self.dataset.clean_train_labels, jax.random.PRNGKey(config.seed), new_classifier))
 
   def steps_per_epoch(self, phase: Phase) -> int:
     return len(self.indices[phase.trains_on]) // self.config.batch_size
@@ -257,6 +261,13 @@ class StreamedSource:
   def soft_labels(self, state: TrainState, phase: Phase) -> list[np.ndarray]:
     return [predict_list(phase.soft_labels, state, self.dataset.train, self.mesh,
                          self.eval_batch_size, self.eval_prep)]
+
+  def training_pass(self, state: TrainState, per_batch: Callable[..., jax.Array],
+                    absorb: Callable[[TrainState, jax.Array], TrainState]) -> TrainState:
+    """`absorb(state, outputs)` of `per_batch` over every training image (list order)."""
+    outputs = predict_list(per_batch, state, self.dataset.train, self.mesh, self.eval_batch_size,
+                           self.eval_prep)
+    return jax.jit(absorb)(state, replicate(self.mesh, outputs))
 
   def export_extras(self, index: int) -> dict[str, Any]:
     del index

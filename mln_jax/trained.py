@@ -26,8 +26,10 @@ def load_trained_state(workdir: str) -> tuple[TrainState, ml_collections.ConfigD
   results = runtime.read_json(results_path)
   where = results["checkpoint"]
   method = methods.get(config)
+  # The state's structure only: the restore fills in its values.
+  no_labels = jnp.full(results["num_train"], -1, jnp.int32)
   make = lambda key: method.new_state(config, tuple(results["image_shape"]),
-                                      results["num_classes"], results["num_train"], key)
+                                      results["num_classes"], no_labels, no_labels, key)
   stacked = where["num_runs"] is not None  # runs trained together have a leading run axis
   abstract = (jax.eval_shape(jax.vmap(make), jnp.zeros((where["num_runs"], 2), jnp.uint32))
               if stacked else jax.eval_shape(make, jnp.zeros((2,), jnp.uint32)))
@@ -40,7 +42,7 @@ def load_trained_state(workdir: str) -> tuple[TrainState, ml_collections.ConfigD
       state=ocp.args.StandardRestore(abstract))).state
   state = jax.tree.map(lambda x: x[where["run_index"]], state) if stacked else state
   # The state as the run's last phase left it (MetaLabelNet's: its extractor frozen).
-  return method.phase_at(config.num_epochs - 1).enter(state, False), config
+  return method.phase_at(method.total_epochs(config) - 1).enter(state, False), config
 
 
 def soft_labels_for(state: TrainState, images: np.ndarray, config: ml_collections.ConfigDict,
@@ -53,7 +55,7 @@ def soft_labels_for(state: TrainState, images: np.ndarray, config: ml_collection
   have the run's size, which `input_pipeline.decode_all` gives files).
   """
   method = methods.get(config)
-  soft_labels = method.phase_at(config.num_epochs - 1).soft_labels
+  soft_labels = method.phase_at(method.total_epochs(config) - 1).soft_labels
   if soft_labels is None:
     raise ValueError(f"A {method.name} run has no soft labels: its last phase makes none "
                      "(MetaLabelNet runs do).")

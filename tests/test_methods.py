@@ -29,9 +29,16 @@ def test_method_names_resolve_to_registry_entries():
   assert methods.resolve("both") == ("cross_entropy", "metalabelnet")
   assert methods.resolve("metalabelnet, cross_entropy") == ("metalabelnet", "cross_entropy")
   assert methods.resolve(["cross_entropy", "both"]) == ("cross_entropy", "metalabelnet")
-  assert methods.resolve("all") == methods.names()
-  with pytest.raises(ValueError, match=r"unknown method 'mixup'; choose from cross_entropy, "
-                                       r"metalabelnet"):
+  published = methods.resolve("all")
+  assert set(published) | set(methods.VARIANTS) == set(methods.names())
+  assert not set(published) & set(methods.VARIANTS) and len(published) == 13
+  assert methods.resolve("references") == methods.VARIANTS
+  assert all(name.replace("_reference", "").replace("_oracle", "") in published
+             for name in methods.VARIANTS)
+  assert "l2rw" not in methods.resolve("table1") and len(methods.resolve("table1")) == 12
+  with pytest.raises(ValueError, match=r"unknown method 'mixup'; choose from cross_entropy, sce, "
+                                       r"gce, .*, metalabelnet, sce_reference, .* or a group: "
+                                       r"both, table1, all, references"):
     methods.resolve("cross_entropy,mixup")
   with pytest.raises(ValueError, match="names 2 methods; one run trains one"):
     methods.get(tiny(method="both"))
@@ -98,7 +105,8 @@ def _visit_counting_method(config):
   del config
   base_step = steps.supervised_step(_label_smoothing(0.0))
 
-  def init_state(state, num_train):
+  def init_state(state, context):
+    num_train = context.num_train
     return state.replace(method_state={"visits": jnp.zeros(num_train, jnp.int32),
                                        "seen_label": jnp.full(num_train, -2, jnp.int32),
                                        "epochs_begun": jnp.zeros((), jnp.int32)})

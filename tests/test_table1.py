@@ -6,6 +6,7 @@ import pathlib
 
 import pytest
 
+from mln_jax import methods
 from mln_jax.config import default_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -16,7 +17,13 @@ spec.loader.exec_module(table1)
 
 def test_plan_has_one_command_per_cell():
   commands = table1.plan(seeds=3)
-  assert len(commands) == 16 and len(set(commands)) == 16
+  # Table I's twelve rows × 8 noise cells, each with the paper's number to stand beside.
+  assert len(commands) == 96 and len(set(commands)) == 96
+  assert all(len(table1.paper_row(m)[kind]) == 4 for m in methods.resolve("table1")
+             for kind in table1.KINDS)
+  assert table1.paper_row("sce_reference") == table1.paper_row("sce")
+  assert table1.paper_row("sce")["feature_dependent"][2:] == ["fail", "fail"]
+  assert len(table1.plan(seeds=1, method_spec="references")) == 8 * len(methods.VARIANTS)
   assert ("bash experiments/gpu/run.sh metalabelnet_feature_dependent_40 configs/cifar10.py "
           "--config.method=metalabelnet --config.noise.kind=feature_dependent "
           "--config.noise.rate=0.4 --config.num_runs=3" in commands)

@@ -32,19 +32,48 @@ from typing import Callable, Sequence
 
 import ml_collections
 
-from mln_jax.methods import cross_entropy, metalabelnet
-from mln_jax.methods.base import Method, Phase
+from mln_jax.methods import (bootstrap, coteaching, cross_entropy, forward, gce,
+                             joint_optimization, l2rw, metalabelnet, mlnt, mslg, mwnet, pencil, sce)
+from mln_jax.methods.base import Method, Phase, StateContext
 
-__all__ = ["Method", "Phase", "REGISTRY", "get", "names", "resolve", "with_method"]
+__all__ = ["GROUPS", "Method", "Phase", "REGISTRY", "StateContext", "VARIANTS", "get", "names",
+           "resolve", "with_method"]
 
+# The published methods, in the order of the paper's Table I (and L2RW), then the variants that
+# reproduce the MetaLabelNet authors' code where it departs from the paper (BASELINES.md).
 REGISTRY: dict[str, Callable[[ml_collections.ConfigDict], Method]] = {
     "cross_entropy": cross_entropy.method,
+    "sce": sce.method,
+    "gce": gce.method,
+    "bootstrap": bootstrap.method,
+    "forward": forward.method,
+    "joint_optimization": joint_optimization.method,
+    "pencil": pencil.method,
+    "coteaching": coteaching.method,
+    "mlnt": mlnt.method,
+    "mwnet": mwnet.method,
+    "l2rw": l2rw.method,
+    "mslg": mslg.method,
     "metalabelnet": metalabelnet.method,
+    "sce_reference": sce.reference_method,
+    "forward_oracle": forward.oracle_method,
+    "forward_reference": forward.reference_method,
+    "joint_optimization_reference": joint_optimization.reference_method,
+    "pencil_reference": pencil.reference_method,
+    "coteaching_reference": coteaching.reference_method,
+    "mlnt_reference": mlnt.reference_method,
+    "mslg_reference": mslg.reference_method,
 }
+VARIANTS = ("sce_reference", "forward_oracle", "forward_reference",
+            "joint_optimization_reference", "pencil_reference", "coteaching_reference",
+            "mlnt_reference", "mslg_reference")
 # Names that stand for several methods.
 GROUPS: dict[str, tuple[str, ...]] = {
     "both": ("cross_entropy", "metalabelnet"),
-    "all": tuple(REGISTRY),
+    # The rows of the paper's Table I.
+    "table1": tuple(name for name in REGISTRY if name not in VARIANTS + ("l2rw",)),
+    "all": tuple(name for name in REGISTRY if name not in VARIANTS),  # the published methods
+    "references": VARIANTS,
 }
 
 
@@ -61,7 +90,8 @@ def resolve(spec: str | Sequence[str]) -> tuple[str, ...]:
     for method_name in GROUPS.get(name, (name,)):
       if method_name not in REGISTRY:
         raise ValueError(f"config.method={spec!r}: unknown method {method_name!r}; choose from "
-                         f"{', '.join(REGISTRY)} (or a list of them, 'both', 'all').")
+                         f"{', '.join(REGISTRY)} (or a list of them, or a group: "
+                         f"{', '.join(GROUPS)}).")
       if method_name not in resolved:
         resolved.append(method_name)
   if not resolved:
