@@ -31,7 +31,8 @@ from ml_collections import config_flags
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mln_jax import config as config_lib, experiment, file_lists, in_memory, methods, streamed
+from mln_jax import config as config_lib, experiment, file_lists, in_memory, methods, steps
+from mln_jax import streamed
 from mln_jax.methods import Method, Phase
 from mln_jax.runtime import git_commit, make_mesh, replicate, write_json_atomically
 from mln_jax.train_state import TrainState
@@ -47,6 +48,8 @@ flags.DEFINE_list("batch_sizes", ["128", "512"], "Batch sizes to measure.")
 flags.DEFINE_integer("steps", 100, "Steps per timed epoch.")
 flags.DEFINE_integer("repeats", 3, "Timed epochs per measurement (median reported).")
 flags.DEFINE_list("meta_gradients", ["autodiff", "jvp"], "Meta-gradient methods to measure.")
+flags.DEFINE_string("methods", "both", "config.method: the methods whose steps to time (names, a "
+                    "list or a group of mln_jax.methods, e.g. 'all').")
 flags.DEFINE_string("model", "cifar_cnn", "Model name (config.model.name).")
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "config.compute_dtype.")
 flags.DEFINE_string("data_dir", "", "CIFAR-10 pack: also time end-to-end epochs with evaluation.")
@@ -126,11 +129,12 @@ def step_flops(config: ml_collections.ConfigDict, method: Method, phase: Phase,
   return (analysis or {}).get("flops")
 
 
-def measured_phases(config: ml_collections.ConfigDict) -> list[tuple[Method, Phase]]:
-  """Every registered method's phases, each step once (MetaLabelNet's warm-up is cross-entropy's
-  step): what the benchmark times."""
+def measured_phases(config: ml_collections.ConfigDict, method_spec: str = "both"
+                    ) -> list[tuple[Method, Phase]]:
+  """The phases of the methods `method_spec` names (a name, a list or a group of the registry),
+  each step once (MetaLabelNet's warm-up is cross-entropy's step): what the benchmark times."""
   seen, phases = set(), []
-  for name in methods.names():
+  for name in methods.resolve(method_spec):
     method = methods.get(methods.with_method(config, name))
     for phase in method.phases:
       if phase.step not in seen:
@@ -139,13 +143,13 @@ def measured_phases(config: ml_collections.ConfigDict) -> list[tuple[Method, Pha
   return phases
 
 
-def _cases(config: ml_collections.ConfigDict, meta_gradients: Sequence[str]
-           ) -> list[tuple[str, ml_collections.ConfigDict, Method, Phase]]:
-  """(row name, config, method, phase) per measurement; phases with meta batches once per meta
-  gradient (config.mln.meta_gradient)."""
+def _cases(config: ml_collections.ConfigDict, meta_gradients: Sequence[str],
+           method_spec: str = "both") -> list[tuple[str, ml_collections.ConfigDict, Method, Phase]]:
+  """(row name, config, method, phase) per measurement; `steps.meta_step` (MetaLabelNet's phase 2)
+  once per meta gradient (config.mln.meta_gradient, which only it reads)."""
   cases = []
-  for method, phase in measured_phases(config):
-    for meta_gradient in (meta_gradients if phase.uses_meta else [None]):
+  for method, phase in measured_phases(config, method_spec):
+    for meta_gradient in (meta_gradients if phase.step is steps.meta_step else [None]):
       case_config = config.copy_and_resolve_references()
       name = f"{method.name}/{phase.name}"
       if meta_gradient:
@@ -251,8 +255,10 @@ def run_benchmark(batch_sizes: Sequence[int], num_steps: int, repeats: int,
                   meta_gradients: Sequence[str], model: str = "cifar_cnn", data_dir: str = "",
                   concurrent_runs: int = 0, compute_dtype: str = "float32",
                   streamed_config: ml_collections.ConfigDict | None = None,
-                  on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-  """CIFAR-10's steps (or, with `streamed_config`, that config's) on the current device.
+                  on_progress: Callable[[dict[str, Any]], None] | None = None,
+                  method_spec: str = "both") -> dict[str, Any]:
+  """CIFAR-10's steps (or, with `streamed_config`, that config's) of the methods `method_spec`
+  names (default cross-entropy and MetaLabelNet) on the current device.
 
   `on_progress(report)` is called after every measurement, so that a job stopped at a time limit
   keeps what it measured.
@@ -269,12 +275,12 @@ def run_benchmark(batch_sizes: Sequence[int], num_steps: int, repeats: int,
   }
   if streamed_config is not None:
     return _run_streamed_benchmark(report, streamed_config, batch_sizes, num_steps, repeats,
-                                   meta_gradients, compute_dtype, on_progress)
+                                   meta_gradients, compute_dtype, on_progress, method_spec)
   report["targets_h100_batch128"] = TARGETS
   for batch_size in batch_sizes:
     config = base.copy_and_resolve_references()
     config.batch_size = batch_size
-    for name, case_config, method, phase in _cases(config, meta_gradients):
+    for name, case_config, method, phase in _cases(config, meta_gradients, method_spec):
       row = {"kind": name, "batch_size": batch_size,
              **measure_epoch(case_config, method, phase, num_steps, repeats)}
       _add_utilisation(row, step_flops(case_config, method, phase))
@@ -282,7 +288,7 @@ def run_benchmark(batch_sizes: Sequence[int], num_steps: int, repeats: int,
   if concurrent_runs:
     config = base.copy_and_resolve_references()
     config.batch_size = batch_sizes[0]
-    for name, case_config, method, phase in _cases(config, meta_gradients[:1]):
+    for name, case_config, method, phase in _cases(config, meta_gradients[:1], method_spec):
       row = {"kind": f"{name} x{concurrent_runs} runs", "batch_size": config.batch_size,
              **measure_epoch(case_config, method, phase, num_steps, repeats, concurrent_runs)}
       _record(report, row, on_progress)
@@ -297,15 +303,15 @@ def run_benchmark(batch_sizes: Sequence[int], num_steps: int, repeats: int,
 def _run_streamed_benchmark(report: dict[str, Any], streamed_config: ml_collections.ConfigDict,
                             batch_sizes: Sequence[int], num_steps: int, repeats: int,
                             meta_gradients: Sequence[str], compute_dtype: str,
-                            on_progress: Callable[[dict[str, Any]], None] | None
-                            ) -> dict[str, Any]:
+                            on_progress: Callable[[dict[str, Any]], None] | None,
+                            method_spec: str) -> dict[str, Any]:
   report.update(protocol=streamed_config.data.name, model=streamed_config.model.name,
                 image_size=streamed_config.data.image_size,
                 num_classes=_streamed_num_classes(streamed_config))
   for batch_size in batch_sizes or [streamed_config.batch_size]:
     config = streamed_config.copy_and_resolve_references()
     config.batch_size, config.compute_dtype = batch_size, compute_dtype
-    for name, case_config, method, phase in _cases(config, meta_gradients):
+    for name, case_config, method, phase in _cases(config, meta_gradients, method_spec):
       row = {"kind": name, "batch_size": batch_size,
              **measure_streamed_steps(case_config, method, phase, num_steps, repeats)}
       _add_utilisation(row, row.pop("flops_per_step"))
@@ -319,10 +325,10 @@ def format_report(report: dict[str, Any]) -> str:
               f"synthetic inputs)" if "protocol" in report else "")
   lines = [f"{report['device']} ({report['backend']}), JAX {report['jax_version']}, "
            f"{report['compute_dtype']}, commit {report['commit']}{protocol}",
-           f"{'step':<24}{'batch':>6}{'images/s':>12}{'epoch s':>10}{'compile s':>11}"
+           f"{'step':<40}{'batch':>6}{'images/s':>12}{'epoch s':>10}{'compile s':>11}"
            f"{'GFLOP/img':>11}{'TFLOP/s':>9}"]
   for row in report["measurements"]:
-    lines.append(f"{row['kind']:<24}{row['batch_size']:>6}{row['images_per_s']:>12.0f}"
+    lines.append(f"{row['kind']:<40}{row['batch_size']:>6}{row['images_per_s']:>12.0f}"
                  f"{row['epoch_s']:>10.3f}{row['compile_and_first_epoch_overhead_s']:>11.2f}"
                  f"{row.get('gflop_per_image', float('nan')):>11.2f}"
                  f"{row.get('achieved_tflop_per_s', float('nan')):>9.2f}")
@@ -347,7 +353,7 @@ def main(argv: list[str]) -> None:
 
   report = run_benchmark(batch_sizes, FLAGS.steps, FLAGS.repeats, FLAGS.meta_gradients,
                          FLAGS.model, FLAGS.data_dir, FLAGS.concurrent_runs, FLAGS.compute_dtype,
-                         FLAGS.streamed_config, on_progress=write)
+                         FLAGS.streamed_config, on_progress=write, method_spec=FLAGS.methods)
   print(format_report(report))
   write(report, complete=True)
 

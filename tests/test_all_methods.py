@@ -14,13 +14,17 @@ SHORT = {"num_epochs": 2, "warmup_epochs": 1, "forward.estimator_epochs": 1,
          "joint_optimization.window": 2, "pencil.stage2_epoch": 1, "pencil.stage3_epoch": 2,
          "coteaching.num_gradual": 2, "mlnt.feature_epochs": 1, "mlnt.start_step": 2,
          "mlnt.ramp_end_step": 4, "mlnt.num_synthetic": 2, "mlnt.neighbours": 3}
-# What each method writes beside results.json besides the common files.
-EXPORTS = {"coteaching": ("selected_by_net1.npy", "selected_by_net2.npy"),
-           "coteaching_reference": ("selected_by_net1.npy", "selected_by_net2.npy"),
-           "mwnet": ("sample_weights.npy",), "l2rw": ("sample_weights.npy", "meta_alignment.npy")}
+# What each method writes beside results.json besides the common files: name -> shape.
+PER_SAMPLE = ("num_train",)
+EXPORTS = {"coteaching": {"selected_by_net1.npy": PER_SAMPLE, "selected_by_net2.npy": PER_SAMPLE},
+           "mwnet": {"sample_weights.npy": PER_SAMPLE},
+           "l2rw": {"sample_weights.npy": PER_SAMPLE, "meta_alignment.npy": PER_SAMPLE},
+           "forward": {"noise_matrix.npy": ("num_classes", "num_classes")}}
+EXPORTS["coteaching_reference"] = EXPORTS["coteaching"]
+EXPORTS["forward_oracle"] = EXPORTS["forward_reference"] = EXPORTS["forward"]
 
 
-def check_run(results, run_dir, config, num_train):
+def check_run(results, run_dir, config):
   """What every finished run of `config` must show, whatever its method."""
   method = methods.get(config)
   epochs = method.total_epochs(config)
@@ -37,10 +41,10 @@ def check_run(results, run_dir, config, num_train):
   final = method.phase_at(epochs - 1)
   if final.soft_labels is not None:
     soft = np.load(run_dir / "soft_labels.npz")["soft_label"]
-    assert soft.shape[0] == num_train and np.allclose(soft.sum(1), 1, atol=1e-4)
-  for name in EXPORTS.get(method.name, ()):
+    assert soft.shape[0] == results["num_train"] and np.allclose(soft.sum(1), 1, atol=1e-4)
+  for name, shape in EXPORTS.get(method.name, {}).items():
     exported = np.load(run_dir / name)
-    assert exported.shape == (num_train,) and np.all(np.isfinite(exported))
+    assert exported.shape == tuple(results[n] for n in shape) and np.all(np.isfinite(exported))
   has_report = final.soft_labels is not None or method.label_issue_scores is not None
   return has_report
 
@@ -51,15 +55,14 @@ def test_every_method_in_memory(tmp_path, name):
   config = tiny_config.with_overrides(tiny_config.get_config(), **SHORT, method=name, num_runs=2)
   runs = experiment.run(config, str(tmp_path))[name]
   for index, results in enumerate(runs):
-    has_report = check_run(results, tmp_path / f"run_{index}", methods.with_method(config, name),
-                           results["num_train"])
+    has_report = check_run(results, tmp_path / f"run_{index}", methods.with_method(config, name))
     # Synthetic noise: every label's truth is known, so a method that flags samples is scored.
     assert (results["label_issues"] is not None) == has_report
     if has_report:
       assert 0 <= results["label_issues"]["top_k_precision"] <= 1
   assert runs[0]["seed"] != runs[1]["seed"]
-  for name in EXPORTS.get(name, ()):  # each run's own samples, not copies
-    assert not np.array_equal(*(np.load(tmp_path / f"run_{i}" / name) for i in (0, 1)))
+  for file in EXPORTS.get(name, {}):  # each run's own, not copies
+    assert not np.array_equal(*(np.load(tmp_path / f"run_{i}" / file) for i in (0, 1)))
 
 
 @pytest.mark.slow
@@ -73,4 +76,4 @@ def test_every_method_streamed(tmp_path_factory, name):
   config = test_streamed.tiny_streamed("clothing1m", root, **SHORT, method=name)
   workdir = tmp_path_factory.mktemp("run")
   results = experiment.train_and_evaluate(config, str(workdir))
-  check_run(results, workdir, config, 48)
+  check_run(results, workdir, config)

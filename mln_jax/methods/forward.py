@@ -140,6 +140,11 @@ def reference_noise_matrix(clean_labels: jax.Array, labels: jax.Array, num_class
   return counts / counts.sum(axis=1)[None, :]
 
 
+def export_noise_matrix(state: TrainState) -> dict[str, jax.Array]:
+  """The T the corrected network trained through, written as noise_matrix.npy (C × C)."""
+  return {"noise_matrix": state.method_state["noise_matrix"]}
+
+
 def corrected_step(loss):
   """A supervised step on `loss(logits, labels, T)` with T = `method_state["noise_matrix"]`."""
   def step(state: TrainState, batch: Batch):
@@ -194,7 +199,7 @@ def method(config: ml_collections.ConfigDict) -> Method:
        Phase("forward", first, corrected_step(forward_loss),
              learning_rate=lambda epoch: config_lib.learning_rate_at(config, epoch - first),
              start_pass=start_pass, start=start)),
-      init_state=init_state, num_epochs=first + config.num_epochs)
+      init_state=init_state, export=export_noise_matrix, num_epochs=first + config.num_epochs)
 
 
 def oracle_method(config: ml_collections.ConfigDict) -> Method:
@@ -206,7 +211,7 @@ def oracle_method(config: ml_collections.ConfigDict) -> Method:
     return state.replace(method_state={"noise_matrix": noise_matrix.astype(jnp.float32)})
 
   return Method("forward_oracle", (Phase("forward", 0, corrected_step(forward_loss)),),
-                init_state=init_state)
+                init_state=init_state, export=export_noise_matrix)
 
 
 def reference_method(config: ml_collections.ConfigDict) -> Method:
@@ -220,4 +225,4 @@ def reference_method(config: ml_collections.ConfigDict) -> Method:
 
   return Method("forward_reference",
                 (Phase("forward", 0, corrected_step(forward_reference_loss)),),
-                init_state=init_state)
+                init_state=init_state, export=export_noise_matrix)

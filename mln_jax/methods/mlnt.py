@@ -160,8 +160,13 @@ def consistency(state: TrainState, params: Any, images: jax.Array, label_sets: j
                                                  batch_stats=stats)
     return (None if stats is None else new_stats), consistency_loss(fast_logits, teacher_probs)
 
-  final_stats, values = jax.lax.scan(one_set, running_stats, label_sets)
-  return values.mean(), final_stats
+  # Unrolled rather than a lax.scan: XLA:CPU runs convolutions inside loop bodies many times
+  # slower (M is small and static).
+  stats, values = running_stats, []
+  for synthetic in label_sets:
+    stats, value = one_set(stats, synthetic)
+    values.append(value)
+  return jnp.mean(jnp.stack(values)), stats
 
 
 def update_teacher(teacher_params: Any, params: Any, gamma: jax.Array, initialised: jax.Array
