@@ -118,12 +118,15 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   table: dict[str, dict[str, dict[str, Any]]] = {}
   environment: dict[str, Any] = {}
   flops: dict[str, dict[str, float | None]] = {}
+  commits: dict[str, set[str]] = {}
   for setting, (kind, rate) in SETTINGS.items():
     config = setting_config(kind, rate, args.methods, args.seeds)
     results = experiment.run(config, str(args.workdir / setting))
     table[setting] = {name: summarise(results[name]) for name in names}
     first = results[names[0]][0]
-    environment = {k: first[k] for k in ("device", "jax_version", "packages", "commit")}
+    environment = {k: first[k] for k in ("device", "jax_version", "packages")}
+    for name in names:  # a resumed record may hold runs of several commits
+      commits.setdefault(f"{setting}: {results[name][0]['commit']}", set()).add(name)
     if not flops:
       for name in names:
         flops[name] = phase_flops(methods.with_method(config, name), tuple(first["image_shape"]),
@@ -134,7 +137,9 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
       f"- date: {datetime.date.today().isoformat()}",
       f"- device: {environment['device']} (JAX {environment['jax_version']}, "
       f"{jax.device_count()} device(s))",
-      f"- commit: {environment['commit']}",
+      "- commits: " + "; ".join(
+          f"{commit} ({'all' if len(trained) == len(names) else ', '.join(sorted(trained))})"
+          for commit, trained in commits.items()),
       f"- command: `{command.strip()}`", "",
       "Test accuracy (%) at the epoch of the best meta accuracy and at the last epoch, mean ± std "
       "over the seeds (trained together in one vmapped program per method); seconds per epoch "
@@ -167,7 +172,9 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   RESULTS.mkdir(parents=True, exist_ok=True)
   bar_chart(table, names, RESULTS / f"{args.name}.png")
   (RESULTS / f"{args.name}.json").write_text(json.dumps(
-      {"command": command.strip(), **environment, "settings": table, "flops_per_step": flops},
+      {"command": command.strip(), **environment,
+       "commits": {c: sorted(trained) for c, trained in commits.items()}, "settings": table,
+       "flops_per_step": flops},
       indent=2))
   path = RESULTS / f"{args.name}.md"
   path.write_text("\n".join(lines))

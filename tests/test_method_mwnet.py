@@ -215,3 +215,26 @@ def test_step_lowers_its_loss_on_both_architectures():
 
 def test_normalized_variant_lowers_its_loss():
   mc.assert_lowers_own_loss("mwnet", PHASE, **{"mwnet.normalize_weights": True})
+
+
+def test_weighting_network_learns_to_drop_high_loss_noisy_samples():
+  # A classifier that fits the clean labels gives the 40% flipped ones high losses: the meta
+  # gradient must then bend V down at high losses and starve those samples (a sign error in the
+  # second-order gradient would raise their weights instead).
+  batch = mc.toy_batch(num=48, noisy_fraction=0.4)
+  method, state, config = mc.toy_state("mwnet", "mlp", batch=batch,
+                                       **{"mwnet.learning_rate": 0.05})
+  warm = jax.jit(steps.warmup_step)
+  for _ in range(30):
+    state, _ = warm(state, {"image": batch["image"], "label": batch["clean_label"],
+                            "index": batch["index"]})
+  phase = method.phases[0]
+  state = mc.begin_phase(method, phase, state, batch, epoch=0)
+  state, _ = mc.run_phase(phase, state, batch, 20, mc.toy_batch(num=24, seed=1))
+  vnet = mwnet.VNet(hidden=config.mwnet.hidden)
+  low, high = np.asarray(vnet.apply({"params": state.method_state["vnet_params"]},
+                                    jnp.array([0.05, 4.0]))).ravel()
+  assert high < 0.1 < low
+  weights = np.asarray(state.method_state["weights"])
+  noisy = np.asarray(batch["label"] != batch["clean_label"])
+  assert weights[noisy].mean() < 0.1 < weights[~noisy].mean()
