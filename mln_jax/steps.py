@@ -74,6 +74,26 @@ def supervised_step(loss_fn: Callable[[jax.Array, jax.Array], jax.Array]
   return step
 
 
+def table_target_step(table: str, loss_fn: Callable[[jax.Array, jax.Array], jax.Array]
+                      ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """A pure SGD step on `loss_fn(logits, targets)`, the targets being the batch's rows of the
+  per-sample table `method_state[table]` (learnt labels: Joint Optimization's step 2, PENCIL's
+  frozen stage); `label_agreement` says how often a row's argmax keeps the given label."""
+  def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    targets = state.method_state[table][batch["index"]]
+
+    def objective(params):
+      logits, batch_stats = forward_train(state, params, batch["image"])
+      return loss_fn(logits, targets), (logits, batch_stats)
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params)
+    return apply_classifier_gradients(state, grads, batch_stats), {
+        "loss": loss, "accuracy": labelled_accuracy(logits, batch["label"]),
+        "label_agreement": labelled_accuracy(targets, batch["label"])}
+  return step
+
+
 _cross_entropy_step = supervised_step(losses.cross_entropy)
 
 

@@ -137,18 +137,8 @@ def label_learning_step(alpha: float, beta: float, label_lr: float,
   return step
 
 
-def frozen_labels_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-  """Stage 3: an SGD step on L_c against the (frozen) learnt labels of the batch."""
-  rows = state.method_state["label_logits"][batch["index"]]
-
-  def objective(params):
-    logits, batch_stats = steps.forward_train(state, params, batch["image"])
-    return classification_loss(logits, rows), (logits, batch_stats)
-
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-  return steps.apply_classifier_gradients(state, grads, batch_stats), {
-      "loss": loss, "accuracy": steps.labelled_accuracy(logits, batch["label"]),
-      "label_agreement": steps.labelled_accuracy(rows, batch["label"])}
+# Stage 3: an SGD step on L_c against the (frozen) learnt labels of the batch.
+frozen_labels_step = steps.table_target_step("label_logits", classification_loss)
 
 
 def soft_labels(state: TrainState, batch: Batch) -> jax.Array:
