@@ -149,7 +149,8 @@ def _cases(config: ml_collections.ConfigDict, meta_gradients: Sequence[str],
   once per meta gradient (config.mln.meta_gradient, which only it reads)."""
   cases = []
   for method, phase in measured_phases(config, method_spec):
-    for meta_gradient in (meta_gradients if phase.step is steps.meta_step else [None]):
+    is_meta_step = getattr(phase.step, "func", phase.step) is steps.meta_step
+    for meta_gradient in (meta_gradients if is_meta_step else [None]):
       case_config = config.copy_and_resolve_references()
       name = f"{method.name}/{phase.name}"
       if meta_gradient:

@@ -111,6 +111,11 @@ def default_config() -> ml_collections.ConfigDict:
   config.mln.weight_decay = 1e-4
   config.mln.inner_lr = 1.0              # α of the inner SGD step (reference: 1)
   config.mln.meta_gradient = "autodiff"  # 'autodiff' (jax.grad through optax) | 'jvp' (closed form)
+  # BatchNorm running statistics in the steps with a fast-weight forward (MetaLabelNet, MSLG,
+  # MLNT): False moves them once per step, toward the training batch's statistics; True also folds
+  # in the fast forwards' batch statistics (MetaLabelNet: the meta batch's under θ', before the
+  # training batch's), as the authors' code does and as the paper's numbers were made (SPEC).
+  config.reference_batch_norm = False
 
   # The baselines' settings (mln_jax/methods; ../shared/BASELINES.md): the MetaLabelNet
   # reference's CIFAR-10 values (they made the paper's Table I), the original papers' beside them.

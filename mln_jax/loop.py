@@ -354,6 +354,8 @@ def _finish(configs: list[ml_collections.ConfigDict], workdir: str, run_dirs: li
         "num_meta": len(dataset.meta),
         "class_names": list(dataset.class_names),  # label i's name ([] where the layout has none)
         "noise": dataset.noise,
+        # The authors' second BatchNorm update in fast-weight steps (config.reference_batch_norm).
+        "reference_batch_norm": run_config.reference_batch_norm,
         "best": run["best"],
         "last": {k: history[-1][k] for k in selected},
         "history": history,

@@ -132,44 +132,57 @@ def inner_update(state: TrainState, images: jax.Array,
 def meta_loss(state: TrainState, params: Any, meta_batch: Batch) -> tuple[jax.Array, jax.Array]:
   """SPEC step 4: cross-entropy on the clean meta batch (BatchNorm in training mode, stats
   discarded). Returns the loss and the logits."""
-  logits, _ = forward_train(state, params, meta_batch["image"], stream="meta")
-  return losses.cross_entropy(logits, meta_batch["label"]), logits
+  loss, (logits, _) = meta_forward(state, params, meta_batch)
+  return loss, logits
+
+
+def meta_forward(state: TrainState, params: Any, meta_batch: Batch, batch_stats: Any = None
+                 ) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+  """`meta_loss` with the running statistics the meta batch leaves on top of `batch_stats`
+  (default the classifier's): `(loss, (logits, batch_stats))`, for a step that folds them in."""
+  logits, new_stats = forward_train(state, params, meta_batch["image"], stream="meta",
+                                    batch_stats=batch_stats)
+  return losses.cross_entropy(logits, meta_batch["label"]), (logits, new_stats)
 
 
 def meta_gradient_autodiff(state: TrainState, images: jax.Array, meta_batch: Batch,
                            meta_params: Any,
                            inner_loss_of: Callable[[Any], Callable[[jax.Array], jax.Array]],
-                           learning_rate: float | jax.Array | None = None
-                           ) -> tuple[jax.Array, Any, jax.Array]:
+                           learning_rate: float | jax.Array | None = None,
+                           batch_stats: Any = None
+                           ) -> tuple[jax.Array, Any, jax.Array, Any]:
   """∇ L_meta with respect to `meta_params`, by `jax.grad` through the inner optax update (second
   order): L_meta(θ − α ∇_θ L(f_θ(x))) with L = `inner_loss_of(meta_params)`, a loss of the logits.
 
   Any bilevel method with a meta network that shapes the classifier's loss fits: MetaLabelNet's
   `inner_loss_of(φ)` is L_c against the soft labels MLN_φ(e(x)). The inner step size is
-  `learning_rate` (default `state.inner_lr`). Returns the meta loss, the gradient and the meta
-  batch's logits.
+  `learning_rate` (default `state.inner_lr`). Returns the meta loss, the gradient, the meta
+  batch's logits and the running statistics its forward leaves on top of `batch_stats` (default
+  the classifier's; a step that keeps one update per step discards them).
   """
   def meta_objective(params):
     fast_params = inner_update(state, images, inner_loss_of(params), learning_rate)
-    return meta_loss(state, fast_params, meta_batch)
+    return meta_forward(state, fast_params, meta_batch, batch_stats)
 
-  (loss, meta_logits), grads = jax.value_and_grad(meta_objective, has_aux=True)(meta_params)
-  return loss, grads, meta_logits
+  (loss, (meta_logits, meta_stats)), grads = jax.value_and_grad(meta_objective, has_aux=True)(
+      meta_params)
+  return loss, grads, meta_logits, meta_stats
 
 
-def meta_gradient_jvp(state: TrainState, images: jax.Array, meta_batch: Batch, feature_logits_fn
-                      ) -> tuple[jax.Array, Any, jax.Array]:
+def meta_gradient_jvp(state: TrainState, images: jax.Array, meta_batch: Batch, feature_logits_fn,
+                      batch_stats: Any = None) -> tuple[jax.Array, Any, jax.Array, Any]:
   """MetaLabelNet's gradient by SPEC's closed form, valid for a plain SGD inner step:
 
   ∂L_meta/∂ŷ_ic = α/(B·C) · [J_p(θ) g]_ic / ŷ_ic with g = ∇_θ' L_meta(θ'), followed by one backward
   pass through MetaLabelNet. One JVP through the classifier replaces the backward-of-a-backward.
+  Returns what `meta_gradient_autodiff` does.
   """
   mln_logits, mln_vjp = jax.vjp(feature_logits_fn, state.mln_params)
   log_soft_labels = jax.nn.log_softmax(mln_logits)
   fast_params = inner_update(state, images, lambda logits: losses.soft_label_kl(logits,
                                                                                  log_soft_labels))
-  (loss, meta_logits), g = jax.value_and_grad(
-      lambda p: meta_loss(state, p, meta_batch), has_aux=True)(fast_params)
+  (loss, (meta_logits, meta_stats)), g = jax.value_and_grad(
+      lambda p: meta_forward(state, p, meta_batch, batch_stats), has_aux=True)(fast_params)
 
   probabilities = lambda params: jax.nn.softmax(forward_train(state, params, images)[0])
   _, jvp_p = jax.jvp(probabilities, (state.params,), (g,))
@@ -178,12 +191,14 @@ def meta_gradient_jvp(state: TrainState, images: jax.Array, meta_batch: Batch, f
   scaled_jvp = state.inner_lr / jvp_p.size * jvp_p
   grad_logits = scaled_jvp - jnp.exp(log_soft_labels) * scaled_jvp.sum(-1, keepdims=True)
   (grads,) = mln_vjp(grad_logits)
-  return loss, grads, meta_logits
+  return loss, grads, meta_logits, meta_stats
 
 
 def mln_meta_gradient(state: TrainState, images: jax.Array, meta_batch: Batch, feature_logits_fn
-                      ) -> tuple[jax.Array, Any, jax.Array]:
-  """MetaLabelNet's ∇_φ L_meta (SPEC steps 1–4) by `state.meta_gradient`: 'autodiff' or 'jvp'."""
+                      ) -> tuple[jax.Array, Any, jax.Array, Any]:
+  """MetaLabelNet's ∇_φ L_meta (SPEC steps 1–4) by `state.meta_gradient`: 'autodiff' or 'jvp'.
+  Returns the meta loss, the gradient, the meta logits and the classifier's running statistics
+  with the meta batch's folded in."""
   if state.meta_gradient == "jvp":
     return meta_gradient_jvp(state, images, meta_batch, feature_logits_fn)
 
@@ -194,36 +209,39 @@ def mln_meta_gradient(state: TrainState, images: jax.Array, meta_batch: Batch, f
   return meta_gradient_autodiff(state, images, meta_batch, state.mln_params, inner_loss_of)
 
 
-def meta_step(state: TrainState, batch: Batch, meta_batch: Batch) -> tuple[TrainState, Metrics]:
+def meta_step(state: TrainState, batch: Batch, meta_batch: Batch,
+              reference_batch_norm: bool = False) -> tuple[TrainState, Metrics]:
   """Phase 2, SPEC steps 1–7, for one training batch (labels unused) and one clean meta batch.
 
   1. ŷ = MLN(e(x)); 2–4. L_meta(θ − α∇_θ L_c(θ, ŷ)); 5. Adam step on φ with ∇_φ L_meta (second
   order); 6. ŷ' = MLN_new(e(x)); 7. SGD step on θ with L_c(θ, ŷ') + L_e(θ).
+
+  BatchNorm running statistics move once per step, toward the training batch's (step 7). With
+  `reference_batch_norm` they move twice, as in the authors' code (SPEC): toward the meta batch's
+  statistics under θ' (step 4), then toward the training batch's.
   """
   images = batch["image"]
   feature_logits_fn = lambda mln_params: soft_label_logits(state, mln_params, images)
 
-  loss_on_meta, mln_grads, meta_logits = mln_meta_gradient(state, images, meta_batch,
-                                                           feature_logits_fn)
+  loss_on_meta, mln_grads, meta_logits, meta_stats = mln_meta_gradient(
+      state, images, meta_batch, feature_logits_fn)
   mln_updates, mln_opt_state = state.mln_tx.update(mln_grads, state.mln_opt_state, state.mln_params)
   mln_params = optax.apply_updates(state.mln_params, mln_updates)
 
   new_soft_logits = jax.lax.stop_gradient(feature_logits_fn(mln_params))
   log_soft_labels = jax.nn.log_softmax(new_soft_logits)
+  running_stats = jax.lax.stop_gradient(meta_stats) if reference_batch_norm else state.batch_stats
 
   def train_loss(params):
-    logits, batch_stats = forward_train(state, params, images)
+    logits, batch_stats = forward_train(state, params, images, batch_stats=running_stats)
     classification = losses.soft_label_kl(logits, log_soft_labels)
     entropy = losses.entropy(logits)
     return classification + entropy, (logits, batch_stats, classification, entropy)
 
   (loss, (logits, batch_stats, classification, entropy)), grads = jax.value_and_grad(
       train_loss, has_aux=True)(state.params)
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(
-      step=state.step + 1, params=optax.apply_updates(state.params, updates),
-      batch_stats=batch_stats, opt_state=opt_state, mln_params=mln_params,
-      mln_opt_state=mln_opt_state)
+  new_state = apply_classifier_gradients(state, grads, batch_stats).replace(
+      mln_params=mln_params, mln_opt_state=mln_opt_state)
   soft_argmax = jnp.argmax(new_soft_logits, -1)
   metrics = {
       "loss": loss,

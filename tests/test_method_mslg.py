@@ -28,7 +28,7 @@ def _toy(name="mslg", model="conv_bn", num=48):
 def _autodiff_rows_gradient(state, images, meta_batch, rows, inner_lr):
   """∂L_meta/∂rows by steps.meta_gradient_autodiff, jitted (op by op it is slow on CPU)."""
   return jax.jit(lambda r: steps.meta_gradient_autodiff(
-      state, images, meta_batch, r, mslg.inner_loss_of, learning_rate=inner_lr))(rows)
+      state, images, meta_batch, r, mslg.inner_loss_of, learning_rate=inner_lr)[:3])(rows)
 
 
 def _sub_batch(batch, index):

@@ -117,8 +117,8 @@ def _both_meta_gradients(state, vnet, batch, meta_batch, normalize):
     phi = state.method_state["vnet_params"]
     inner = mwnet.inner_loss_of(vnet, mwnet.sample_losses(state, batch["image"], batch["label"]),
                                 batch["label"], normalize)
-    loss_a, grads_a, _ = steps.meta_gradient_autodiff(state, batch["image"], meta_batch, phi,
-                                                      inner, learning_rate=learning_rate)
+    loss_a, grads_a, _, _ = steps.meta_gradient_autodiff(state, batch["image"], meta_batch, phi,
+                                                         inner, learning_rate=learning_rate)
     loss_j, grads_j = mwnet.meta_gradient_jvp(state, batch, meta_batch, vnet, phi, learning_rate,
                                               normalize)
     return (loss_a, grads_a), (loss_j, grads_j)

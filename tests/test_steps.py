@@ -74,8 +74,9 @@ def _meta_objective(state, batch, meta_batch, mln_params):
 
 def meta_gradient(kind, state, images, meta_batch, feature_fn):
   """MetaLabelNet's meta-gradient by `kind`: 'autodiff' (the generic `jax.grad` through the inner
-  optax update) or 'jvp' (the closed form)."""
-  return steps.mln_meta_gradient(state.replace(meta_gradient=kind), images, meta_batch, feature_fn)
+  optax update) or 'jvp' (the closed form): the meta loss, the gradient and the meta logits."""
+  return steps.mln_meta_gradient(state.replace(meta_gradient=kind), images, meta_batch,
+                                 feature_fn)[:3]
 
 
 @pytest.mark.parametrize("arch", ["conv_bn", "mlp"])

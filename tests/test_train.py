@@ -90,6 +90,7 @@ def test_a_finished_workdir_returns_its_results_and_refuses_another_config(finis
 def test_metalabelnet_learns_on_digits_and_exports_soft_labels(tmp_path):
   results = experiment.run(tiny(), str(tmp_path))["metalabelnet"][0]
   assert results["last"]["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
+  assert results["reference_batch_norm"] is False  # one BatchNorm update per step by default
   labels = np.load(tmp_path / "labels.npz")
   assert np.mean(labels["noisy"] != labels["clean"]) == pytest.approx(
       results["noise"]["realised_rate"])

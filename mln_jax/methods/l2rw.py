@@ -61,7 +61,7 @@ def reweighting_signal_autodiff(state: TrainState, batch: Batch, meta_batch: Bat
   def inner_loss_of(eps):
     return lambda logits: jnp.sum(eps * per_sample_cross_entropy(logits, labels))
 
-  loss, grads, meta_logits = steps.meta_gradient_autodiff(
+  loss, grads, meta_logits, _ = steps.meta_gradient_autodiff(
       state, batch["image"], meta_batch, epsilon, inner_loss_of, learning_rate=learning_rate)
   return -grads, loss, meta_logits
 

@@ -26,8 +26,8 @@ Registry names:
   training), so on CIFAR-10 (391 batches) the meta term starts at the third epoch at full weight,
   with γ = `ema` and no ramp; h runs in train mode (batch-statistic features); the M fast forwards
   also fold their batch statistics into the student's running averages (after the conventional
-  forward's, in order m = 1..M, as PyTorch's functional forward does); only the student is
-  evaluated.
+  forward's, in order m = 1..M, as PyTorch's functional forward does; `mlnt` does this too with
+  `config.reference_batch_norm`); only the student is evaluated.
 
 Defaults (`config.mlnt`; the reference's CIFAR-10 values): M = 10, ρ = 0.5, k = 10, α = 0.2,
 w = 1, start_step = 500, ramp_end_step = 2000, ema_ramp = 0.99, ema = 0.999; `feature_epochs` 0
@@ -199,8 +199,11 @@ def feature_net_features(state: TrainState, images: jax.Array, train: bool = Fal
   return jax.lax.stop_gradient(features)
 
 
-def make_step(settings: ml_collections.ConfigDict, reference: bool = False):
-  """MLNT's training step (BASELINES §12 steps 1–4) with `settings` = `config.mlnt`."""
+def make_step(settings: ml_collections.ConfigDict, reference: bool = False,
+              reference_batch_norm: bool = False):
+  """MLNT's training step (BASELINES §12 steps 1–4) with `settings` = `config.mlnt`;
+  `reference_batch_norm`: the M fast forwards fold their batch statistics into the student's
+  running ones, after the conventional forward's (the reference)."""
   num_sets, fraction, neighbours = settings.num_synthetic, settings.fraction, settings.neighbours
   meta_lr, weight = settings.meta_lr, settings.weight
 
@@ -236,8 +239,8 @@ def make_step(settings: ml_collections.ConfigDict, reference: bool = False):
                                         neighbours)
       (value, fast_stats), meta_grads = jax.value_and_grad(consistency, argnums=1, has_aux=True)(
           state, state.params, images, label_sets, q, meta_lr,
-          batch_stats if reference else None)
-      student_stats = fast_stats if reference else batch_stats
+          batch_stats if reference_batch_norm else None)
+      student_stats = fast_stats if reference_batch_norm else batch_stats
       return teacher_params, teacher_stats, value, meta_grads, student_stats
 
     def skip(_):
@@ -328,7 +331,9 @@ def _build(config: ml_collections.ConfigDict, name: str, reference: bool) -> Met
   models = () if reference else (("student", steps.predict), ("teacher", predict_teacher))
   return Method(name, (
       Phase("feature net", 0, steps.warmup_step, selects_best=False),
-      Phase("mlnt", first, make_step(settings, reference), enter=enter_student,
+      Phase("mlnt", first,
+            make_step(settings, reference, reference or config.reference_batch_norm),
+            enter=enter_student,
             learning_rate=lambda epoch: config_lib.learning_rate_at(config, epoch - first)),
   ), init_state=init_state, begin_epoch=begin_epoch, models=models,
       num_epochs=first + config.num_epochs)

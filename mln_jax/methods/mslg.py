@@ -34,7 +34,8 @@ Reference deviations (`mslg_reference`, the MetaLabelNet authors' copy of `mslg.
       update (what the reference's history holds for the last epoch, and what is exported);
   (iii) the fast forward on the meta batch also updates the BN running statistics, after the
       training batch's forward (reproduced: the meta forward's statistics are folded in on top of
-      the training forward's ones; the meta loss itself is unchanged, train-mode BN);
+      the training forward's ones; the meta loss itself is unchanged, train-mode BN). The
+      published `mslg` does the same with `config.reference_batch_norm`;
   (ii) the warm-up checkpoint is cached per noise setting without the seed, so all seeds share one
       warm-up: not reproduced (each run trains its own warm-up; sharing one across runs is a
       property of a cache between processes, not of a run).
@@ -49,7 +50,7 @@ epochs). The paper's own table of values was not checked (BASELINES.md §13).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -115,26 +116,13 @@ def meta_gradient_closed_form(state: TrainState, images: jax.Array, meta_batch: 
   return loss, grads, meta_logits
 
 
-def _meta_gradient_with_statistics(state: TrainState, images: jax.Array, meta_batch: Batch,
-                                   rows: jax.Array, inner_lr: float, batch_stats: Any
-                                   ) -> tuple[jax.Array, jax.Array, jax.Array, Any]:
-  """As `steps.meta_gradient_autodiff` for the rows, and also the BN running statistics the fast
-  forward on the meta batch leaves on top of `batch_stats` (the reference's deviation (iii))."""
-  def objective(r):
-    fast_params = steps.inner_update(state, images, inner_loss_of(r), inner_lr)
-    meta_logits, meta_stats = steps.forward_train(state, fast_params, meta_batch["image"],
-                                                  stream="meta", batch_stats=batch_stats)
-    return losses.cross_entropy(meta_logits, meta_batch["label"]), (meta_logits, meta_stats)
-
-  (loss, (meta_logits, meta_stats)), grads = jax.value_and_grad(objective, has_aux=True)(rows)
-  return loss, grads, meta_logits, meta_stats
-
-
-def make_step(inner_lr: float, label_lr: float, entropy_weight: float, reference: bool = False
+def make_step(inner_lr: float, label_lr: float, entropy_weight: float, reference: bool = False,
+              reference_batch_norm: bool = False
               ) -> Callable[[TrainState, Batch, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """The "mslg" phase's step (module docstring, steps 1–6): `(state, batch, meta_batch) ->
-  (state, metrics)`. `reference`: the `mslg_reference` step (starts every update from zero rows
-  and folds the meta forward's BN statistics into the running ones)."""
+  (state, metrics)`. `reference`: the `mslg_reference` step (starts every update from zero rows);
+  `reference_batch_norm`: the meta forward's BN statistics are folded into the running ones on top
+  of the training forward's (deviation (iii))."""
   def step(state: TrainState, batch: Batch, meta_batch: Batch):
     images, index = batch["image"], batch["index"]
     table = state.method_state[TABLE]
@@ -143,12 +131,11 @@ def make_step(inner_lr: float, label_lr: float, entropy_weight: float, reference
     # its BN statistics the new running ones; the classifier's gradient comes by its pullback.
     logits, pullback, batch_stats = jax.vjp(
         lambda params: steps.forward_train(state, params, images), state.params, has_aux=True)
-    if reference:
-      loss_on_meta, row_grads, meta_logits, batch_stats = _meta_gradient_with_statistics(
-          state, images, meta_batch, rows, inner_lr, batch_stats)
-    else:
-      loss_on_meta, row_grads, meta_logits = steps.meta_gradient_autodiff(
-          state, images, meta_batch, rows, inner_loss_of, learning_rate=inner_lr)
+    loss_on_meta, row_grads, meta_logits, meta_stats = steps.meta_gradient_autodiff(
+        state, images, meta_batch, rows, inner_loss_of, learning_rate=inner_lr,
+        batch_stats=batch_stats)
+    if reference_batch_norm:
+      batch_stats = jax.lax.stop_gradient(meta_stats)
     new_rows = rows - label_lr * row_grads
     soft_labels = jax.lax.stop_gradient(jax.nn.softmax(new_rows))
 
@@ -200,7 +187,8 @@ def _build(config: ml_collections.ConfigDict, name: str, reference: bool) -> Met
 
   label_phase = Phase(
       "mslg", warmup_epochs,
-      make_step(settings.inner_lr, settings.label_lr, settings.entropy_weight, reference),
+      make_step(settings.inner_lr, settings.label_lr, settings.entropy_weight, reference,
+                reference or config.reference_batch_norm),
       uses_meta=True, trains_on="labelled", selects_best=True, soft_labels=table_soft_labels)
   # Model selection as MetaLabelNet's: over the label phase's epochs only.
   warmup = (Phase("warm-up", 0, steps.warmup_step, selects_best=False),) if warmup_epochs else ()

@@ -149,7 +149,7 @@ def make_step(vnet: VNet, vnet_tx: optax.GradientTransformation, normalize: bool
     learning_rate = state.opt_state.hyperparams["learning_rate"]
 
     losses = sample_losses(state, images, labels)
-    loss_on_meta, vnet_grads, meta_logits = steps.meta_gradient_autodiff(
+    loss_on_meta, vnet_grads, meta_logits, _ = steps.meta_gradient_autodiff(
         state, images, meta_batch, table["vnet_params"],
         inner_loss_of(vnet, losses, labels, normalize), learning_rate=learning_rate)
     vnet_updates, vnet_opt_state = vnet_tx.update(vnet_grads, table["vnet_opt_state"],
