@@ -53,8 +53,10 @@ def record(workdirs: list[pathlib.Path], name: str, command: str, note: str,
   ]
   by_method: dict[str, list[dict]] = {}
   for path, r in runs.items():
-    by_method.setdefault(r["method"], []).append(r)
-    lines.append(f"| {path} | {r['method']} | {r['noise']['realised_rate']:.4f} "
+    # Runs with the authors' double BatchNorm update form their own group.
+    method = r["method"] + (" (reference_batch_norm)" if r.get("reference_batch_norm") else "")
+    by_method.setdefault(method, []).append(r)
+    lines.append(f"| {path} | {method} | {r['noise']['realised_rate']:.4f} "
                  f"| {100 * r['best']['test_accuracy']:.2f} | {r['best']['epoch']} "
                  f"| {100 * r['last']['test_accuracy']:.2f} | {r['epochs_time_s']:.1f} "
                  f"| {r['wall_time_s']:.1f} |")
