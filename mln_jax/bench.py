@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mln_jax import config as config_lib, experiment, file_lists, in_memory, methods, steps
-from mln_jax import streamed
+from mln_jax import bench_vs_torch, streamed
 from mln_jax.methods import Method, Phase
 from mln_jax.runtime import git_commit, make_mesh, replicate, write_json_atomically
 from mln_jax.train_state import TrainState
@@ -55,6 +55,8 @@ flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "config.c
 flags.DEFINE_string("data_dir", "", "CIFAR-10 pack: also time end-to-end epochs with evaluation.")
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
 flags.DEFINE_integer("concurrent_runs", 8, "Also measure this many runs in one program (0: skip).")
+flags.DEFINE_bool("vs_torch", False, "Instead: time mln_jax's warm-up and meta steps against the "
+                  "PyTorch oracle's in this process (mln_jax.bench_vs_torch; needs torch).")
 config_flags.DEFINE_config_file(
     "streamed_config", None, "A streamed dataset's config (configs/clothing1m.py, webvision.py): "
     "time its steps on synthetic inputs of its shapes instead of CIFAR-10's (--batch_sizes, if "
@@ -351,6 +353,13 @@ def main(argv: list[str]) -> None:
   def write(report: dict[str, Any], complete: bool = False) -> None:
     if FLAGS.out:
       write_json_atomically(FLAGS.out, {**report, "complete": complete})
+
+  if FLAGS.vs_torch:
+    repeats = FLAGS.repeats if FLAGS["repeats"].present else 10
+    report = bench_vs_torch.compare_with_torch(repeats, FLAGS.meta_gradients)
+    print(bench_vs_torch.format_comparison(report))
+    write(report, complete=True)
+    return
 
   report = run_benchmark(batch_sizes, FLAGS.steps, FLAGS.repeats, FLAGS.meta_gradients,
                          FLAGS.model, FLAGS.data_dir, FLAGS.concurrent_runs, FLAGS.compute_dtype,

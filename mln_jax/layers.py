@@ -7,10 +7,12 @@ unbiased running variance, Kaiming-normal convolutions, ±1/sqrt(fan_in) linear 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+from jax.custom_derivatives import SymbolicZero
 import jax.numpy as jnp
 
 # PyTorch's defaults, which the reference implementation relies on: convolutions get Kaiming-normal
@@ -67,3 +69,96 @@ class BatchNorm(nn.Module):
         running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
         running_var.value = (1 - self.momentum) * running_var.value + self.momentum * unbiased
     return ((x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(out_dtype)
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_NHWC)
+
+
+def _conv_as_matmuls(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The same 'SAME' convolution as a sum over kernel taps of (shifted x) @ kernel[i, j]."""
+  batch, height, width, channels = x.shape
+  kh, kw = kernel.shape[:2]
+  padded = jnp.pad(x, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)))
+  out = sum(padded[:, i:i + height, j:j + width, :].reshape(-1, channels) @ kernel[i, j]
+            for i in range(kh) for j in range(kw))
+  return out.reshape(batch, height, width, kernel.shape[-1])
+
+
+@jax.custom_jvp
+def conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """A stride-1 'SAME' convolution (NHWC, HWIO) whose kernel gradient is fast on CPU.
+
+  XLA:CPU computes ∂L/∂kernel of a convolution as a convolution with an image-sized window, which
+  on this project's CPUs takes 5–16× the forward's time (experiments/results/cpu_vs_torch.md). Here
+  the tangent's kernel term is written as one matmul per kernel tap on CPU, so its transpose (the
+  kernel gradient, also inside second-order meta gradients) is matmuls; other platforms keep the
+  convolution. The value is the convolution's, the derivatives equal it to float rounding.
+  """
+  return _conv_same(x, kernel)
+
+
+def _conv_same_jvp(primals, tangents):
+  x, kernel = primals
+  dx, dkernel = tangents
+  terms = []
+  if not isinstance(dx, SymbolicZero):
+    terms.append(conv_same(dx, kernel))
+  if not isinstance(dkernel, SymbolicZero):
+    terms.append(jax.lax.platform_dependent(x, dkernel, cpu=_conv_as_matmuls,
+                                            default=_conv_same))
+  out = conv_same(x, kernel)
+  return out, sum(terms) if terms else jnp.zeros_like(out)
+
+
+conv_same.defjvp(_conv_same_jvp, symbolic_zeros=True)
+
+
+class Conv(nn.Module):
+  """`nn.Conv` for stride-1 'SAME' convolutions (same parameters, names and initialisers) computed
+  by `conv_same`: a fast kernel gradient on CPU."""
+  features: int
+  kernel_size: Sequence[int]
+  kernel_init: Callable[..., jax.Array]
+  bias_init: Callable[..., jax.Array]
+  dtype: Any = None  # compute dtype (None: that of inputs and parameters)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", self.kernel_init,
+                        (*self.kernel_size, x.shape[-1], self.features))
+    bias = self.param("bias", self.bias_init, (self.features,))
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return conv_same(x, kernel) + bias
+
+
+def _pool_windows(x: jax.Array, size: int) -> jax.Array:
+  """(B, H, W, C) -> (B, H/size, W/size, C, size²): the non-overlapping windows, each in row-major
+  order (a remainder row or column is dropped, as by a VALID pooling)."""
+  batch, height, width, channels = x.shape
+  rows, cols = height // size, width // size
+  x = x[:, :rows * size, :cols * size].reshape(batch, rows, size, cols, size, channels)
+  return x.transpose(0, 1, 3, 5, 2, 4).reshape(batch, rows, cols, channels, size * size)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def max_pool(x: jax.Array, size: int) -> jax.Array:
+  """`nn.max_pool(x, (size, size), strides=(size, size))`, with a gradient XLA:CPU computes fast.
+
+  XLA's gradient of a pooling window is a select-and-scatter, slow on CPU (at batch 128, 2.7× the
+  time of this one). Here the tangent takes each window's first maximum (row-major, as
+  select-and-scatter and PyTorch do: ties give the whole gradient to the first), a one-hot mask
+  whose transpose is elementwise.
+  """
+  return _pool_windows(x, size).max(-1)
+
+
+@max_pool.defjvp
+def _max_pool_jvp(size, primals, tangents):
+  (x,), (dx,) = primals, tangents
+  windows = _pool_windows(x, size)
+  first_max = jax.nn.one_hot(jnp.argmax(windows, -1), size * size, dtype=x.dtype)
+  return windows.max(-1), jnp.sum(_pool_windows(dx, size) * first_max, -1)

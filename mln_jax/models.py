@@ -21,9 +21,9 @@ def _batch_norm(train: bool, dtype: Any) -> layers.BatchNorm:
   return layers.BatchNorm(use_running_average=not train, dtype=dtype)
 
 
-def _conv(features: int, in_channels: int, dtype: Any) -> nn.Conv:
-  return nn.Conv(features, (3, 3), padding=1, kernel_init=layers.kaiming_normal_fan_out,
-                 bias_init=layers.torch_bias_init(in_channels * 9), dtype=dtype)
+def _conv(features: int, in_channels: int, dtype: Any) -> layers.Conv:
+  return layers.Conv(features, (3, 3), kernel_init=layers.kaiming_normal_fan_out,
+                     bias_init=layers.torch_bias_init(in_channels * 9), dtype=dtype)
 
 
 def _dense(features: int, in_features: int, dtype: Any = None) -> nn.Dense:
@@ -49,7 +49,7 @@ class ConvBNClassifier(nn.Module):
       for width in block:
         x = _conv(width, x.shape[-1], self.dtype)(x)
         x = nn.relu(_batch_norm(train, self.dtype)(x))
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = layers.max_pool(x, 2)
     x = x.reshape((x.shape[0], -1))
     x = _dense(self.feature_dim, x.shape[-1], self.dtype)(x)
     features = nn.relu(_batch_norm(train, self.dtype)(x))
