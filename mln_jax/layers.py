@@ -74,11 +74,12 @@ class BatchNorm(nn.Module):
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def _conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def lax_conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """XLA's own stride-1 'SAME' convolution (NHWC, HWIO)."""
   return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_NHWC)
 
 
-def _conv_as_matmuls(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def conv_as_matmuls(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """The same 'SAME' convolution as a sum over kernel taps of (shifted x) @ kernel[i, j]."""
   batch, height, width, channels = x.shape
   kh, kw = kernel.shape[:2]
@@ -98,7 +99,7 @@ def conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
   kernel gradient, also inside second-order meta gradients) is matmuls; other platforms keep the
   convolution. The value is the convolution's, the derivatives equal it to float rounding.
   """
-  return _conv_same(x, kernel)
+  return lax_conv_same(x, kernel)
 
 
 def _conv_same_jvp(primals, tangents):
@@ -108,8 +109,8 @@ def _conv_same_jvp(primals, tangents):
   if not isinstance(dx, SymbolicZero):
     terms.append(conv_same(dx, kernel))
   if not isinstance(dkernel, SymbolicZero):
-    terms.append(jax.lax.platform_dependent(x, dkernel, cpu=_conv_as_matmuls,
-                                            default=_conv_same))
+    terms.append(jax.lax.platform_dependent(x, dkernel, cpu=conv_as_matmuls,
+                                            default=lax_conv_same))
   out = conv_same(x, kernel)
   return out, sum(terms) if terms else jnp.zeros_like(out)
 
