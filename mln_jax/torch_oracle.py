@@ -21,9 +21,12 @@ import torch
 import torch.nn.functional as F
 from optax import tree_utils as otu
 
+from mln_jax import models
+
 Tensors = dict[str, torch.Tensor]
 
-CIFAR_BLOCKS = ((64, 64), (128, 128), (196, 196))
+# The paper's CNN's conv widths per block, as mln_jax builds it.
+CIFAR_BLOCKS = models.CifarCNN.keywords["blocks"]
 BN_MOMENTUM = 0.1
 BN_EPS = 1e-5
 
