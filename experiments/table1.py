@@ -31,11 +31,10 @@ import statistics
 import sys
 from typing import Any
 
-from mln_jax import methods
+from mln_jax import figures, methods
 from mln_jax.config import default_config, flatten
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import figures  # noqa: E402
 from record import mean_std  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"

@@ -198,6 +198,15 @@ def default_config() -> ml_collections.ConfigDict:
   # images writes soft_labels.npz and the label-issue report; False skips it (a long pass over a
   # streamed dataset).
   config.export_soft_labels = True
+  # Each finished run writes into its folder figures/ (accuracy, soft labels, confusion, the
+  # gallery of flagged images), label_issues.csv and summary.md (mln_jax.report; also
+  # `python -m mln_jax.report --workdir=W` for any finished workdir).
+  config.report = True
+  config.label_issues = ml_collections.ConfigDict()
+  config.label_issues.gallery_size = 32  # flagged images in figures/label_issues.png (0: none)
+  # Out-of-sample soft labels: train on two halves of the training set and score each half with
+  # the run that did not see it (in-memory datasets; writes cross_fit/ in the workdir).
+  config.label_issues.cross_fit = False
   # 'scan': an epoch is one jitted lax.scan (fast on GPU/TPU); 'host': one jitted call per step
   # (fast on CPU, where XLA's convolutions are slow inside loops); 'auto': 'host' on CPU, else
   # 'scan'.
@@ -282,6 +291,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
            "--config.model.hidden='(64, 32)'.")
   _require(config.compute_dtype in ("float32", "bfloat16"),
            f"config.compute_dtype={config.compute_dtype!r}: choose 'float32' or 'bfloat16'.")
+  _require(config.label_issues.gallery_size >= 0,
+           f"config.label_issues.gallery_size={config.label_issues.gallery_size} must be 0 (no "
+           "gallery) or positive.")
   _require(config.checkpoint_every_epochs > 0,
            f"config.checkpoint_every_epochs={config.checkpoint_every_epochs} must be positive.")
   _require(list(config.optim.lr_boundaries) == sorted(config.optim.lr_boundaries),

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mln_jax import config as config_lib, labels as labels_lib, runtime, writers
+from mln_jax import config as config_lib, labels as labels_lib, report, runtime, writers
 from mln_jax.dataset import Dataset
 from mln_jax.methods import Method, Phase
 from mln_jax.train_state import TrainState
@@ -102,7 +102,8 @@ def train_and_evaluate(configs: list[ml_collections.ConfigDict], workdir: str, s
   labels.npz, TensorBoard files, soft_labels.npz where the method has soft labels, and results.json:
   the per-epoch history (epochs counted from 1), top-1 and top-5 accuracy on the meta split and
   every test split at the best meta epoch and at the last epoch, label-issue precision/recall where
-  clean labels are known, times and the environment. The (stacked) state is checkpointed in
+  clean labels are known, times and the environment; then (config.report) its figures/,
+  label_issues.csv and summary.md (`mln_jax.report`). The (stacked) state is checkpointed in
   `workdir/checkpoints`. Returns the runs' results.
   """
   with jax.default_matmul_precision(configs[0].matmul_precision):
@@ -125,14 +126,14 @@ def _train_and_evaluate(configs: list[ml_collections.ConfigDict], workdir: str, 
 
   start_time = time.time()
   datasets = source.load()
-  for run_dir, dataset in zip(run_dirs, datasets):
+  for index, (run_dir, dataset) in enumerate(zip(run_dirs, datasets)):
     logging.info("%s in %s: %d training samples (%d labelled), %d meta, %s; %d classes; noise %s",
                  dataset.name, run_dir, len(dataset.train), len(dataset.labelled_indices),
                  len(dataset.meta), ", ".join(f"{len(v)} {k}" for k, v in dataset.tests.items()),
                  dataset.num_classes, dataset.noise)
     if lead:
       np.savez(os.path.join(run_dir, "labels.npz"), noisy=dataset.train.labels,
-               clean=dataset.clean_train_labels)
+               clean=dataset.clean_train_labels, **source.export_extras(index))
 
   checkpoints = ocp.CheckpointManager(
       os.path.abspath(checkpoint_dir),
@@ -374,6 +375,9 @@ def _finish(configs: list[ml_collections.ConfigDict], workdir: str, run_dirs: li
     }
     if lead:
       runtime.write_json_atomically(os.path.join(run_dir, runtime.RESULTS_FILE), results)
+      if run_config.report:  # after results.json: `python -m mln_jax.report` can redo it
+        report.write_run_report(run_dir, results, run_config.label_issues.gallery_size,
+                                getattr(dataset.train, "images", None))
     logging.info("%s %s done: test accuracy %.4f (top-5 %.4f) at the best meta epoch %d, %.4f at "
                  "the last epoch; label issues %s.", method.name, run_dir,
                  results["best"]["test_accuracy"], results["best"]["test_top5"],

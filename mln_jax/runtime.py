@@ -21,7 +21,9 @@ from mln_jax import config as config_lib
 RESULTS_FILE = "results.json"
 # Settings a resumed run may change: they do not change its numbers (e.g. keeping the meta set in
 # device memory or streaming it gives the same batches, and may be switched when memory runs short).
-RESUMABLE_CHANGES = ("data.meta_in_memory", "export_soft_labels")
+# Settings that change what a run writes at its end, not what it trains.
+RESUMABLE_CHANGES = ("data.meta_in_memory", "export_soft_labels", "report",
+                     "label_issues.gallery_size")
 
 
 def make_mesh() -> Mesh:

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mln_jax import figures
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 sys.path.insert(0, str(ROOT / "tests"))
-import figures  # noqa: E402
 from test_table1 import fake_history  # noqa: E402
 
 spec = importlib.util.spec_from_file_location("ablations", ROOT / "experiments" / "ablations.py")

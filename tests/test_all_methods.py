@@ -46,6 +46,17 @@ def check_run(results, run_dir, config):
     exported = np.load(run_dir / name)
     assert exported.shape == tuple(results[n] for n in shape) and np.all(np.isfinite(exported))
   has_report = final.soft_labels is not None or method.label_issue_scores is not None
+  # The files mln_jax.report writes into every finished run's folder.
+  written = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*")
+             if p.suffix in (".png", ".csv", ".md")}
+  expected = {"figures/accuracy.png", "summary.md"}
+  if has_report:
+    expected |= {"label_issues.csv", "figures/label_issues.png"}
+  if final.soft_labels is not None:
+    expected |= {"figures/confusion.png"}
+  assert expected <= written, f"{method.name}: missing {expected - written}"
+  if not has_report:
+    assert "label_issues.csv" not in written
   return has_report
 
 
