@@ -17,7 +17,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from mln_jax import config as config_lib, in_memory, loop, methods, noise as noise_lib, runtime
+from mln_jax import config as config_lib, cross_fit, in_memory, loop, methods, noise as noise_lib
+from mln_jax import runtime
 from mln_jax import data as data_lib
 from mln_jax.dataset import Dataset
 
@@ -95,6 +96,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[dict[
       method_config = methods.with_method(run_config, name)
       methods.get(method_config)  # every method's settings are checked before any trains
       method_configs[name].append(method_config)
+  fitted = []  # the methods to cross-fit: those with soft labels
+  if config.label_issues.cross_fit:
+    fitted = [n for n in method_names if cross_fit.has_soft_labels(method_configs[n][0])]
+    if not fitted:
+      raise ValueError(f"config.label_issues.cross_fit scores samples with soft labels, which none "
+                       f"of {method_names} has; use a method that has them, e.g. metalabelnet.")
   method_dirs = {m: workdir if len(method_names) == 1 else os.path.join(workdir, m)
                  for m in method_names}
   streamed = _is_streamed(config)
@@ -111,11 +118,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[dict[
       datasets = [in_memory.prepare_data(c, image_dataset) for c in configs]
   results = {name: train_and_evaluate_runs(method_configs[name], method_dirs[name], datasets)
              for name in method_names}
+  cross_fitted = {n: cross_fit.run(method_configs[n], method_dirs[n], datasets) for n in fitted}
   summary: dict[str, Any] = {
       name: {"best_test_accuracy": [r["best"]["test_accuracy"] for r in runs],
              "last_test_accuracy": [r["last"]["test_accuracy"] for r in runs],
              "epochs_time_s": runs[0]["epochs_time_s"]}
       for name, runs in results.items()}
+  for name, reports in cross_fitted.items():  # top-k precision of the out-of-sample soft labels
+    summary[name]["cross_fit_top_k_precision"] = [
+        (r["label_issues"] or {}).get("top_k_precision") for r in reports]
   summary["seeds"] = [c.seed for c in configs]
   summary["realised_noise_rate"] = [r["noise"]["realised_rate"]
                                     for r in results[method_names[0]]]
@@ -134,6 +145,12 @@ def comparison_table(config: ml_collections.ConfigDict, summary: dict[str, Any],
   for name in method_names:
     best, last = summary[name]["best_test_accuracy"], summary[name]["last_test_accuracy"]
     lines.append(f"{name:<{width}}{_mean_std(best):>24}{_mean_std(last):>22}")
+  for name in method_names:
+    fitted = summary[name].get("cross_fit_top_k_precision")
+    if fitted:
+      lines.append(f"{name}: label-issue top-k precision of the cross-fitted soft labels "
+                   f"(cross_fit/): " + " ".join("unknown" if p is None else f"{p:.4f}"
+                                                for p in fitted))
   rates = " ".join("unknown" if r is None else f"{r:.3f}" for r in summary["realised_noise_rate"])
   noise = ("the dataset's own noisy labels" if _is_streamed(config)
            else f"{config.noise.kind} noise {config.noise.rate}"

@@ -345,13 +345,16 @@ class InMemorySource:
                                 "top5": float(np.mean(hits.any(-1)))}
     return per_run
 
-  def soft_labels(self, state: TrainState, phase: Phase) -> list[np.ndarray]:
-    """Per run: `phase.soft_labels` of every training sample, (N, C) in training order."""
+  def soft_labels(self, state: TrainState, phase: Phase, images: np.ndarray | None = None
+                  ) -> list[np.ndarray]:
+    """Per run: `phase.soft_labels` of every training sample, (N, C) in training order; of
+    `images` (uint8, shaped as the training images) instead where given."""
     if phase.soft_labels not in self._soft_label_fns:
       self._soft_label_fns[phase.soft_labels] = make_predict(
           self.mesh, self.config.eval_batch_size, phase.soft_labels, self.num_runs,
           shared_images=True)
-    return list(np.asarray(self._soft_label_fns[phase.soft_labels](state, self.images)))
+    images = self.images if images is None else replicate(self.mesh, images)
+    return list(np.asarray(self._soft_label_fns[phase.soft_labels](state, images)))
 
   def training_pass(self, state: TrainState, per_batch: Callable[..., jax.Array],
                     absorb: Callable[[TrainState, jax.Array], TrainState]) -> TrainState:

@@ -284,6 +284,18 @@ def _train_and_evaluate(configs: list[ml_collections.ConfigDict], workdir: str, 
                  start_time, lead)
 
 
+def restore_latest_state(workdir: str, template: TrainState) -> TrainState:
+  """The state of the newest checkpoint in `workdir/checkpoints` (a finished run's: its final
+  state), restored into the structure and shardings of `template`."""
+  checkpoint_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  checkpoints = ocp.CheckpointManager(checkpoint_dir)
+  latest = checkpoints.latest_step()
+  if latest is None:
+    raise FileNotFoundError(f"No checkpoint in {checkpoint_dir} to restore a state from.")
+  return checkpoints.restore(latest, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(template))).state
+
+
 def _evaluate(source: Source, state: TrainState, method: Method
               ) -> tuple[list[dict[str, dict[str, float]]], list[dict[str, Any]]]:
   """Per run, the accuracies of the model that stands for the epoch, and what the record says
