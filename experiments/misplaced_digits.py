@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import pathlib
+import shlex
 import shutil
 import subprocess
 import sys
@@ -109,14 +110,14 @@ def main() -> None:
   figures_dir.mkdir(parents=True, exist_ok=True)
   for file in sorted((workdir / report.FIGURES_DIR).glob("*.png")):
     shutil.copy(file, figures_dir / file.name)
-  shown = " ".join(command[1:]).replace(sys.executable, "python")
+  shown = shlex.join(["python", *command[1:]])
   lines = [
       f"# {args.name}", "",
       f"- date: {datetime.date.today().isoformat()}",
       f"- device: {results['device']} (JAX {results['jax_version']})",
       f"- commit: {results['commit']}",
       f"- command: `python experiments/misplaced_digits.py --root={args.root} --name={args.name}`"
-      f" (it ran `python {shown}`)",
+      f" (it ran `{shown}`)",
       f"- data: scikit-learn's digits as image folders, {len(relative)} training images of which "
       f"{k} ({100 * k / len(relative):.1f}%) sit in a wrong class folder (uniformly drawn); "
       f"{results['num_meta']} clean meta and {num_test} clean test images", "",
@@ -128,7 +129,7 @@ def main() -> None:
       *[f"| {what} | {100 * value:.2f}% |" for what, value in rows],
       f"| misplaced images whose suggested class is their true class | {100 * recovered:.2f}% |",
       "", f"The run's figures, as it wrote them into `{workdir}/figures/`: `{args.name}_figures/` "
-      "(`label_issues.png` is the gallery: given folder → suggested class under each image).",
+      "(`label_issues.png` is the gallery: given folder → suggested class above each image).",
   ]
   path = RESULTS / f"{args.name}.md"
   path.write_text("\n".join(lines) + "\n")

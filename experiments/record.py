@@ -14,7 +14,7 @@ import pathlib
 import shutil
 import statistics
 
-from mln_jax import cross_fit, figures as figures_lib, report
+from mln_jax import cross_fit, figures as figures_lib, report, runtime
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -25,7 +25,7 @@ def load_runs(workdir: pathlib.Path) -> dict[str, dict]:
   return {str(run): json.loads((run / "results.json").read_text())
           for run in report.finished_runs(workdir)
           # A cross-fit's half runs are parts of an out-of-sample score, not runs of their own.
-          if cross_fit.CROSS_FIT_DIR not in run.relative_to(workdir).parts}
+          if runtime.CROSS_FIT_DIR not in run.relative_to(workdir).parts}
 
 
 def mean_std(values: list[float], separator: str = " ± ") -> str:
@@ -40,7 +40,7 @@ def cross_fit_reports(workdir: pathlib.Path) -> dict[str, dict]:
   """Every cross-fit under `workdir` (config.label_issues.cross_fit): its folder -> its
   label_issues.json."""
   return {str(p.parent): json.loads(p.read_text())
-          for p in sorted(workdir.rglob(f"{cross_fit.CROSS_FIT_DIR}/**/{cross_fit.REPORT_FILE}"))}
+          for p in sorted(workdir.rglob(f"{runtime.CROSS_FIT_DIR}/**/{cross_fit.REPORT_FILE}"))}
 
 
 def copy_reports(runs: dict[str, dict], folder: pathlib.Path) -> list[pathlib.Path]:
@@ -100,17 +100,26 @@ def record(workdirs: list[pathlib.Path], name: str, command: str, note: str,
                    f"| {100 * i['argmax_precision']:.2f} | {100 * i['argmax_recall']:.2f} |")
   fitted = {path: r for w in workdirs for path, r in cross_fit_reports(w).items()}
   if fitted:
-    lines += ["", "Cross-fitted (out-of-sample) soft labels against each run's own (in-sample):",
-              "", "| cross-fit | method | top-k precision out of sample | in sample (the run) "
-              "| gallery precision out of sample |", "|---|---|---|---|---|"]
+    lines += ["", "Cross-fitted (out-of-sample) soft labels against in-sample ones (the run on all "
+              "the data; each half's run on its own half), top-k precision:", "",
+              "| cross-fit | method | out of sample | in sample, the run | in sample, the halves "
+              "| gallery out of sample |", "|---|---|---|---|---|---|"]
     for path, r in fitted.items():
       # The run whose data was cross-fitted: the same path without cross_fit/.
       run = str(pathlib.Path(*[p for p in pathlib.Path(path).parts
-                               if p != cross_fit.CROSS_FIT_DIR]))
+                               if p != runtime.CROSS_FIT_DIR]))
       own = runs.get(run, {}).get("label_issues") or {}
       found = r["label_issues"] or {}
+      # The halves' runs: cross_fit/half_<h>/ beside a one-run cross-fit, half_<h>/run_<i>/ else.
+      fitted_dir = pathlib.Path(path)
+      base, suffix = ((fitted_dir.parent, fitted_dir.name)
+                      if fitted_dir.name != runtime.CROSS_FIT_DIR else (fitted_dir, ""))
+      halves = [json.loads(p.read_text()).get("label_issues") or {}
+                for p in sorted(base.glob(f"half_*/{suffix}/results.json".replace("//", "/")))]
+      halves_precision = (mean_std([h.get("top_k_precision", 0.0) for h in halves]) if halves
+                          else "—")
       lines.append(f"| {path} | {r['method']} | {100 * found.get('top_k_precision', 0.0):.2f} "
-                   f"| {100 * own.get('top_k_precision', 0.0):.2f} "
+                   f"| {100 * own.get('top_k_precision', 0.0):.2f} | {halves_precision} "
                    f"| {100 * (r.get('gallery_precision') or 0.0):.2f} |")
   if any(len(results) > 1 for results in by_method.values()):
     lines += ["", "| method | runs | best-by-meta test acc (mean ± std) | last-epoch test acc |",

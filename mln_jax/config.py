@@ -304,6 +304,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(not config.model.pretrained or config.model.name in ("resnet50", "resnet"),
            f"config.model.pretrained is set, but loads torchvision ResNet weights only (model "
            f"{config.model.name!r}); use --config.model.name=resnet50 or leave it empty.")
+  _require(not (config.label_issues.cross_fit and config.num_runs > 1
+                and config.data.num_unlabelled),
+           "config.label_issues.cross_fit with config.data.num_unlabelled: the seeds drop "
+           "different labels, so their halves cannot train together; use --config.num_runs=1.")
   _require(not config.label_issues.cross_fit or config.data.name in IN_MEMORY_DATASETS,
            f"config.label_issues.cross_fit trains on halves of a dataset held in memory "
            f"({IN_MEMORY_DATASETS}); {config.data.name!r} streams from disk.")

@@ -10,7 +10,8 @@ of the other half's final model.
 Per run, `workdir/cross_fit/` (`cross_fit/run_<i>/` for several seeds) then holds soft_labels.npz
 (the export's format, every training sample, out of sample), label_issues.csv, the gallery
 figures/label_issues.png and label_issues.json (the out-of-sample label-issue report where clean
-labels are known). In-memory datasets, methods whose last phase has soft labels.
+labels are known). In-memory datasets, methods whose last phase makes soft labels from images
+(MetaLabelNet; not the label tables of PENCIL, Joint Optimization or MSLG).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from mln_jax import config as config_lib, data as data_lib, dataset as dataset_l
 from mln_jax import labels as labels_lib, loop, methods, report, runtime
 from mln_jax.dataset import Dataset, Split
 
-CROSS_FIT_DIR = "cross_fit"
 REPORT_FILE = "label_issues.json"
 
 
@@ -48,11 +48,12 @@ def half_dataset(dataset: Dataset, indices: np.ndarray) -> Dataset:
       noise=dataset_lib.noise_summary(dataset.noise["kind"], dataset.noise["rate"], given, clean))
 
 
-def has_soft_labels(config: ml_collections.ConfigDict) -> bool:
-  """Whether the method `config` names ends in a phase with soft labels (what cross-fitting
-  needs)."""
+def can_cross_fit(config: ml_collections.ConfigDict) -> bool:
+  """Whether the method `config` names ends in a phase whose soft labels can judge images it never
+  trained on (MetaLabelNet's label network; not a per-sample label table)."""
   method = methods.get(config)
-  return method.phase_at(method.total_epochs(config) - 1).soft_labels is not None
+  final = method.phase_at(method.total_epochs(config) - 1)
+  return final.soft_labels is not None and final.soft_labels_from_images
 
 
 def run(configs: list[ml_collections.ConfigDict], workdir: str,
@@ -66,10 +67,11 @@ def run(configs: list[ml_collections.ConfigDict], workdir: str,
                      f"({config_lib.IN_MEMORY_DATASETS}); {config.data.name!r} is streamed.")
   method = methods.get(config)
   final = method.phase_at(method.total_epochs(config) - 1)
-  if final.soft_labels is None:
-    raise ValueError(f"config.label_issues.cross_fit scores samples with soft labels; the last "
-                     f"phase of {method.name!r} has none.")
-  folder = os.path.join(workdir, CROSS_FIT_DIR)
+  if final.soft_labels is None or not final.soft_labels_from_images:
+    raise ValueError(f"config.label_issues.cross_fit judges each half with soft labels made from "
+                     f"its images; the last phase of {method.name!r} has none (its soft labels, if "
+                     "any, are a table of the samples it trained on).")
+  folder = os.path.join(workdir, runtime.CROSS_FIT_DIR)
   out_dirs = runtime.run_dirs(folder, len(configs))
   report_paths = [os.path.join(d, REPORT_FILE) for d in out_dirs]
   if all(os.path.exists(p) for p in report_paths):

@@ -96,12 +96,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[dict[
       method_config = methods.with_method(run_config, name)
       methods.get(method_config)  # every method's settings are checked before any trains
       method_configs[name].append(method_config)
-  fitted = []  # the methods to cross-fit: those with soft labels
+  fitted = []  # the methods to cross-fit: those whose soft labels come from images
   if config.label_issues.cross_fit:
-    fitted = [n for n in method_names if cross_fit.has_soft_labels(method_configs[n][0])]
+    fitted = [n for n in method_names if cross_fit.can_cross_fit(method_configs[n][0])]
     if not fitted:
-      raise ValueError(f"config.label_issues.cross_fit scores samples with soft labels, which none "
-                       f"of {method_names} has; use a method that has them, e.g. metalabelnet.")
+      raise ValueError(f"config.label_issues.cross_fit judges samples with soft labels made from "
+                       f"images, which none of {method_names} has; use metalabelnet.")
   method_dirs = {m: workdir if len(method_names) == 1 else os.path.join(workdir, m)
                  for m in method_names}
   streamed = _is_streamed(config)

@@ -14,7 +14,7 @@ Of one run (`mln_jax.report`, into its workdir's figures/):
 - `run_soft_labels`: per epoch, agreement of argmax soft labels with the given (and the clean)
   labels and the share that changed;
 - `label_confusion`: given vs corrected label, and beside it the realised noise transition matrix;
-- `image_gallery`: images with a caption under each.
+- `image_gallery`: images with a caption above each.
 """
 
 from __future__ import annotations
@@ -22,11 +22,9 @@ from __future__ import annotations
 import pathlib
 from typing import Any, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+# Figures drawn without pyplot: importing mln_jax leaves a user's backend (a notebook's) alone.
+from matplotlib.figure import Figure
 
 Results = dict[str, Any]
 
@@ -67,7 +65,7 @@ def accuracy_curves(runs_by_method: dict[str, Sequence[Results]], warmup_epochs:
                     path: pathlib.Path, title: str) -> pathlib.Path:
   """Figure 3: test accuracy per epoch for each method (mean ± std over its runs), the end of the
   warm-up marked (where there was one)."""
-  figure, axis = plt.subplots(figsize=(6, 4))
+  figure, axis = _subplots(figsize=(6, 4))
   for method, runs in runs_by_method.items():
     epochs, mean, std = per_epoch(runs, "test_accuracy")
     _band(axis, epochs, mean, std, f"{method} (n={len(runs)})")
@@ -82,7 +80,7 @@ def accuracy_curves(runs_by_method: dict[str, Sequence[Results]], warmup_epochs:
 def soft_label_stability(runs: Sequence[Results], path: pathlib.Path, title: str) -> pathlib.Path:
   """Figure 4's idea: how often argmax soft labels change between epochs, and whom they agree
   with."""
-  figure, (changes, agreement) = plt.subplots(1, 2, figsize=(10, 4))
+  figure, (changes, agreement) = _subplots(1, 2, figsize=(10, 4))
   epochs, mean, std = per_epoch(runs, "soft_labels/changed_fraction")
   _band(changes, epochs, mean, std, "changed since the previous epoch")
   changes.set(xlabel="epoch", ylabel="training samples (%)", title="argmax soft label changed")
@@ -117,7 +115,7 @@ def ablation_curve(values: Sequence[float], best: Sequence[Sequence[float]],
                    last: Sequence[Sequence[float]], xlabel: str, path: pathlib.Path, title: str
                    ) -> pathlib.Path:
   """Test accuracy (mean ± std over seeds) at each value of an ablated setting."""
-  figure, axis = plt.subplots(figsize=(6, 4))
+  figure, axis = _subplots(figsize=(6, 4))
   for label, accuracies in (("best meta epoch", best), ("last epoch", last)):
     mean = np.array([np.mean(a) for a in accuracies])
     std = np.array([np.std(a) for a in accuracies])
@@ -133,7 +131,7 @@ def run_accuracy(results: Results, path: pathlib.Path) -> pathlib.Path:
   the method trains on those), meta and test; the first phase's end and the best meta epoch
   marked."""
   history = results["history"]
-  figure, axis = plt.subplots(figsize=(7, 4.2))
+  figure, axis = _subplots(figsize=(7, 4.2))
   for key, label, style in (("train/accuracy", "train (given labels)", "-"),
                             ("train/accuracy_vs_soft_labels", "train (soft labels)", ":"),
                             ("meta_accuracy", "meta (clean)", "-"),
@@ -162,7 +160,7 @@ def run_soft_labels(results: Results, path: pathlib.Path, clean_known: bool) -> 
   equals the given label and (where the clean labels are known) the clean label, and the share
   that changed since the previous epoch."""
   history = results["history"]
-  figure, axis = plt.subplots(figsize=(7, 4.2))
+  figure, axis = _subplots(figsize=(7, 4.2))
   keys = [("soft_labels/given_agreement", "= given label"),
           ("soft_labels/changed_fraction", "changed since the previous epoch")]
   if clean_known:
@@ -214,7 +212,7 @@ def label_confusion(given: np.ndarray, corrected: np.ndarray, clean: np.ndarray 
     panels.append((pairs(clean[known], given[known]), "given label", "clean label",
                    "noise transition P(given | clean)"))
   size = min(4 + 0.25 * num_classes, 12)
-  figure, axes = plt.subplots(1, len(panels), figsize=(size * len(panels) + 1, size * 0.8),
+  figure, axes = _subplots(1, len(panels), figsize=(size * len(panels) + 1, size * 0.8),
                               squeeze=False)
   for axis, (counts, xlabel, ylabel, name) in zip(axes[0], panels):
     image = _matrix(axis, counts, class_names, xlabel, ylabel, name)
@@ -222,7 +220,6 @@ def label_confusion(given: np.ndarray, corrected: np.ndarray, clean: np.ndarray 
   figure.suptitle(title)
   path.parent.mkdir(parents=True, exist_ok=True)
   figure.savefig(path, dpi=120, bbox_inches="tight")
-  plt.close(figure)
   return path
 
 
@@ -251,7 +248,7 @@ def image_gallery(images: Sequence[np.ndarray], captions: Sequence[str], path: p
   caption_height, gap = int(np.ceil(0.5 * size)), max(1, size // 12)
   cell_w, cell_h = size + gap, size + caption_height
   canvas = np.ones((rows * cell_h, columns * cell_w - gap, 3), np.float32)
-  figure, axis = plt.subplots(figsize=(1.7 * columns, 1.95 * rows + 0.5))
+  figure, axis = _subplots(figsize=(1.7 * columns, 1.95 * rows + 0.5))
   colours = {True: "green", False: "red", None: "black"}
   for index, image in enumerate(images):
     row, column = divmod(index, columns)
@@ -266,9 +263,15 @@ def image_gallery(images: Sequence[np.ndarray], captions: Sequence[str], path: p
   return _save(figure, path)
 
 
+def _subplots(nrows: int = 1, ncols: int = 1, **kwargs: Any) -> tuple[Any, Any]:
+  """pyplot.subplots' result, on a figure that no pyplot state holds."""
+  figsize = kwargs.pop("figsize", None)
+  figure = Figure(figsize=figsize)
+  return figure, figure.subplots(nrows, ncols, **kwargs)
+
+
 def _save(figure: Any, path: pathlib.Path) -> pathlib.Path:
   path.parent.mkdir(parents=True, exist_ok=True)
   figure.tight_layout()
   figure.savefig(path, dpi=120)
-  plt.close(figure)
   return path

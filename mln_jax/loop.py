@@ -387,12 +387,18 @@ def _finish(configs: list[ml_collections.ConfigDict], workdir: str, run_dirs: li
     }
     if lead:
       runtime.write_json_atomically(os.path.join(run_dir, runtime.RESULTS_FILE), results)
-      if run_config.report:  # after results.json: `python -m mln_jax.report` can redo it
-        report.write_run_report(run_dir, results, run_config.label_issues.gallery_size,
-                                getattr(dataset.train, "images", None))
     logging.info("%s %s done: test accuracy %.4f (top-5 %.4f) at the best meta epoch %d, %.4f at "
                  "the last epoch; label issues %s.", method.name, run_dir,
                  results["best"]["test_accuracy"], results["best"]["test_top5"],
                  results["best"]["epoch"], results["last"]["test_accuracy"], label_issues)
     all_results.append(results)
+  # After every run's results.json: a failed figure must not leave a finished run unfinished.
+  for run_dir, dataset, run_config, results in zip(run_dirs, datasets, configs, all_results):
+    if lead and run_config.report:
+      try:
+        report.write_run_report(run_dir, results, run_config.label_issues.gallery_size,
+                                getattr(dataset.train, "images", None))
+      except Exception:  # noqa: BLE001 (the results stand; the report can be redone)
+        logging.exception("The report of %s failed; its results stand. Redo it with python -m "
+                          "mln_jax.report --workdir=%s", run_dir, run_dir)
   return all_results

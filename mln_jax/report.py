@@ -9,14 +9,15 @@ Every finished run writes these itself (`config.report`, on by default); for any
 Per run folder (the one with results.json):
 - `figures/accuracy.png`: train, meta and test accuracy per epoch, the first phase's end (the
   warm-up) and the best-by-meta epoch marked;
-- `figures/soft_labels.png` (methods that generate labels): per epoch, agreement of the argmax soft
-  labels with the given labels (and the clean labels where known) and the share that changed;
+- `figures/soft_labels.png` (methods that generate labels, in-memory datasets, where they are
+  tracked per epoch): agreement of the argmax soft labels with the given labels (and the clean
+  labels where known) and the share that changed;
 - `figures/confusion.png` (methods that generate labels): given vs corrected label, and beside it,
   where clean labels are known, the realised noise transition matrix;
 - `label_issues.csv` (methods with soft labels or label-issue scores): a row per training sample,
   most suspicious first: its index, image file (streamed runs), given label, suggested label
   (argmax soft label), score, and the clean label where known;
-- `figures/label_issues.png`: the top-k flagged images, given → suggested class under each (green:
+- `figures/label_issues.png`: the top-k flagged images, given → suggested class above each (green:
   the given label is truly wrong, red: it was right, where clean labels are known);
 - `summary.md`, which ties them together.
 
@@ -255,8 +256,9 @@ def _summary(results: dict[str, Any], issues: LabelIssues | None, files: dict[st
     if key in files:
       lines += [f"![{caption}]({files[key].relative_to(run_dir).as_posix()})", ""]
   if issues is None:
-    lines += ["This method gives no per-sample verdict on the training labels (no soft labels, "
-              "no label-issue scores), so no label_issues.csv."]
+    lines += [f"No label_issues.csv: the run wrote neither {SOFT_LABELS_FILE} nor {SCORES_FILE} "
+              "(a method without a per-sample verdict on its labels, or "
+              "config.export_soft_labels=False)."]
     return "\n".join(lines) + "\n"
   lines += ["## Label issues", "",
             f"[`{CSV_FILE}`]({CSV_FILE}): every training sample, most suspicious first."]
@@ -331,11 +333,14 @@ def write_run_report(run_dir: str | os.PathLike[str], results: dict[str, Any] | 
 
 
 def finished_runs(workdir: str | os.PathLike[str]) -> list[pathlib.Path]:
-  """Every finished run folder under `workdir` (itself, `<method>/`, `run_<i>/`, both)."""
+  """Every finished run folder under `workdir` (itself, `<method>/`, `run_<i>/`, both); not the
+  half runs of a cross-fit (they wrote their reports when they finished, and are parts of one
+  out-of-sample score, not runs of their own)."""
   workdir = pathlib.Path(workdir)
   if not workdir.is_dir():
     raise FileNotFoundError(f"--workdir={workdir} is not a folder.")
-  runs = sorted(p.parent for p in workdir.rglob(runtime.RESULTS_FILE))
+  runs = sorted(p.parent for p in workdir.rglob(runtime.RESULTS_FILE)
+                if runtime.CROSS_FIT_DIR not in p.relative_to(workdir).parts)
   if not runs:
     raise FileNotFoundError(f"No {runtime.RESULTS_FILE} under {workdir}: has the run finished?")
   return runs
@@ -343,12 +348,22 @@ def finished_runs(workdir: str | os.PathLike[str]) -> list[pathlib.Path]:
 
 def write_report(workdir: str | os.PathLike[str], gallery_size: int | None = None,
                  log: Callable[[str], None] = print) -> dict[pathlib.Path, dict[str, pathlib.Path]]:
-  """`write_run_report` for every finished run under `workdir`; run folder -> files written."""
-  written = {}
+  """`write_run_report` for every finished run under `workdir`; run folder -> files written. A run
+  whose report fails does not stop the others: its error is logged, and raised (as a ValueError
+  naming every failed run) once all were tried."""
+  written, failed = {}, []
   for run_dir in finished_runs(workdir):
-    written[run_dir] = write_run_report(run_dir, gallery_size=gallery_size)
+    try:
+      written[run_dir] = write_run_report(run_dir, gallery_size=gallery_size)
+    except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError) as error:
+      failed.append(f"{run_dir}: {error!r}")
+      log(f"{run_dir}: failed: {error}")
+      continue
     log(f"{run_dir}: " + ", ".join(str(p.relative_to(run_dir))
                                    for p in written[run_dir].values()))
+  if failed:
+    raise ValueError(f"{len(failed)} of {len(failed) + len(written)} reports failed: "
+                     + "; ".join(failed))
   return written
 
 

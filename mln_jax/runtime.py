@@ -21,9 +21,11 @@ from mln_jax import config as config_lib
 RESULTS_FILE = "results.json"
 # Settings a resumed run may change: they do not change its numbers (e.g. keeping the meta set in
 # device memory or streaming it gives the same batches, and may be switched when memory runs short).
-# Settings that change what a run writes at its end, not what it trains.
+# Settings that change what a run writes at its end or beside it, not what it trains.
 RESUMABLE_CHANGES = ("data.meta_in_memory", "export_soft_labels", "report",
-                     "label_issues.gallery_size")
+                     "label_issues.gallery_size", "label_issues.cross_fit")
+# Where a workdir's cross-fit lives (mln_jax.cross_fit): its half runs are parts of one score.
+CROSS_FIT_DIR = "cross_fit"
 
 
 def make_mesh() -> Mesh:
@@ -110,6 +112,8 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, checkp
     changed = sorted(k for k in set(saved) | set(now)
                      if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
     if not changed:
+      if write and saved != now:  # only what a resume may change: the saved config follows
+        write_json_atomically(path, current)
       return
     if (ocp.utils.checkpoint_steps(checkpoint_dir)
         or os.path.exists(os.path.join(workdir, RESULTS_FILE))):

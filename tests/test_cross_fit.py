@@ -4,8 +4,9 @@ by a run that never saw it."""
 import numpy as np
 import pytest
 
+import test_all_methods
 import tiny_config
-from mln_jax import config as config_lib, cross_fit, data, experiment, methods
+from mln_jax import config as config_lib, cross_fit, data, experiment, loop, methods
 
 SHORT = {"num_epochs": 3, "warmup_epochs": 2, "label_issues.gallery_size": 4}
 
@@ -20,8 +21,15 @@ def test_halves_are_disjoint_cover_every_sample_and_follow_the_seed():
 
 def test_cross_fit_needs_soft_labels_and_data_in_memory():
   config = tiny_config.with_overrides(tiny_config.get_config(), method="cross_entropy")
-  with pytest.raises(ValueError, match="scores samples with soft labels"):
+  with pytest.raises(ValueError, match="soft labels made from"):
     cross_fit.run([config], "/nonexistent")
+  # PENCIL's soft labels are a table of its own samples: they cannot judge the other half.
+  with pytest.raises(ValueError, match="a table of the samples it trained on"):
+    cross_fit.run([tiny_config.with_overrides(tiny_config.get_config(), method="pencil", **{
+        "pencil.stage2_epoch": 1, "pencil.stage3_epoch": 2})], "/x")
+  every_phase = tiny_config.with_overrides(tiny_config.get_config(), **test_all_methods.SHORT)
+  assert [n for n in methods.names()
+          if cross_fit.can_cross_fit(methods.with_method(every_phase, n))] == ["metalabelnet"]
   config = tiny_config.with_overrides(tiny_config.get_config(), **{"label_issues.cross_fit": True})
   with pytest.raises(ValueError, match="which none of"):
     experiment.run(tiny_config.with_overrides(config, method="cross_entropy"), "/nonexistent")
@@ -31,6 +39,9 @@ def test_cross_fit_needs_soft_labels_and_data_in_memory():
   streamed.label_issues.cross_fit = True
   with pytest.raises(ValueError, match="label_issues.cross_fit trains on halves"):
     config_lib.validate_config(streamed)
+  with pytest.raises(ValueError, match="seeds drop different labels"):
+    config_lib.validate_config(tiny_config.with_overrides(
+        config, num_runs=2, **{"data.num_unlabelled": 100}))
 
 
 def _labels_file(tmp_path, name, labels):
@@ -40,7 +51,7 @@ def _labels_file(tmp_path, name, labels):
 
 
 @pytest.mark.slow
-def test_a_half_is_judged_by_the_run_that_never_saw_its_labels(tmp_path):
+def test_a_half_is_judged_by_the_run_that_never_saw_its_labels(tmp_path, monkeypatch):
   """Changing the labels of half 0 changes half 0's in-sample soft labels, but not its
   cross-fitted ones (the half-1 run never saw them), while half 1's cross-fitted ones change."""
   base = tiny_config.get_config()
@@ -74,6 +85,7 @@ def test_a_half_is_judged_by_the_run_that_never_saw_its_labels(tmp_path):
       np.sum(noisy != images.train_labels))
   assert 0 <= reports["a"]["gallery_precision"] <= 1
   # Finished: the saved reports come back without training.
+  monkeypatch.setattr(loop, "train_and_evaluate", lambda *args: pytest.fail("trained again"))
   again = tiny_config.with_overrides(tiny_config.get_config(), **SHORT, **{
       "noise.kind": "given", "noise.labels_path": str(tmp_path / "a.npy")})
   assert cross_fit.run([again], str(tmp_path / "a")) == [reports["a"]]

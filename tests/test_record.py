@@ -47,8 +47,11 @@ def test_cross_fits_are_compared_with_their_runs_and_their_halves_are_not_runs(t
     (fitted / "label_issues.json").write_text(json.dumps({
         "method": "metalabelnet", "label_issues": {"top_k_precision": precision / 2},
         "gallery_precision": 0.25}))
-  _write(workdir / "cross_fit" / "half_0", _results("metalabelnet", 0.1, noise))
+    for half, half_precision in enumerate((0.5, 0.7)):  # each half's run on its own samples
+      _write(workdir / "cross_fit" / f"half_{half}" / f"run_{index}",
+             _results("metalabelnet", 0.1, noise, {"top_k_precision": half_precision}))
   assert sorted(record.load_runs(workdir)) == [str(workdir / "run_0"), str(workdir / "run_1")]
   text = record.record([workdir], "fitted", "cmd", "").read_text()
-  assert f"| {workdir / 'cross_fit' / 'run_1'} | metalabelnet | 30.00 | 60.00 | 25.00 |" in text
+  assert (f"| {workdir / 'cross_fit' / 'run_1'} | metalabelnet | 30.00 | 60.00 | 60.00 ± 14.14 "
+          "| 25.00 |") in text
   assert "10.00" not in text  # the half run's accuracy is nobody's result

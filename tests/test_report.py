@@ -134,7 +134,7 @@ def test_a_method_without_a_verdict_gets_figures_and_a_summary(tmp_path):
   experiment.train_and_evaluate(config, str(tmp_path))
   assert (tmp_path / "figures/accuracy.png").exists()
   assert not (tmp_path / "label_issues.csv").exists()
-  assert "no label_issues.csv" in (tmp_path / "summary.md").read_text()
+  assert "No label_issues.csv" in (tmp_path / "summary.md").read_text()
 
 
 def test_report_off_writes_nothing(tmp_path):

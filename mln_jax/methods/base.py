@@ -75,6 +75,9 @@ class Phase:
     soft_labels: `(state, batch) -> (B, C)` label distributions the phase has for its training
       samples (tracked per epoch where cheap, exported at the end), or None. The batch holds
       unaugmented `image`s and their sample ids, `index` (no labels).
+    soft_labels_from_images: whether `soft_labels` reads only the batch's images, so that it can
+      judge images the run never trained on (`label_issues.cross_fit`); False where it looks a
+      sample's own entry up by `index` (a per-sample label table).
     learning_rate: `0-based epoch -> classifier learning rate` for the phase's epochs, or None for
       the configured schedule (`config.learning_rate_at`); e.g. a second training that restarts
       the schedule, or a constant-rate first training.
@@ -92,6 +95,7 @@ class Phase:
   trains_on: str = "labelled"
   enter: Callable[[TrainState, bool], TrainState] = _unchanged
   soft_labels: Callable[[TrainState, Batch], jax.Array] | None = None
+  soft_labels_from_images: bool = False
   learning_rate: Callable[[int], float] | None = None
   start_pass: Callable[[TrainState, Batch], jax.Array] | None = None
   start: Callable[[TrainState, jax.Array], TrainState] | None = None

@@ -33,5 +33,6 @@ def method(config: ml_collections.ConfigDict) -> Method:
       Phase("warm-up", 0, steps.warmup_step, selects_best=False),
       Phase("metalabelnet", config.warmup_epochs, meta_step, uses_meta=True,
             trains_on="all", enter=enter_phase2,
-            soft_labels=lambda state, batch: steps.predict_soft_labels(state, batch["image"])),
+            soft_labels=lambda state, batch: steps.predict_soft_labels(state, batch["image"]),
+            soft_labels_from_images=True),
   ))
