@@ -31,7 +31,8 @@ import test_streamed  # noqa: E402
 import tiny_config  # noqa: E402
 
 config = tiny_config.with_overrides(config_lib.streamed_config(), **{
-    **test_streamed.TINY_STREAMED, "data.name": "clothing1m", "data.data_dir": data_dir})
+    **test_streamed.TINY_STREAMED, "data.name": "clothing1m", "data.data_dir": data_dir,
+    "report": True})  # its files too must come from one process
 results = experiment.run(config, workdir)["metalabelnet"][0]
 print("HISTORY " + json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
                                "history": results["history"]}), flush=True)

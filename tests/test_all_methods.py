@@ -13,7 +13,8 @@ SHORT = {"num_epochs": 2, "warmup_epochs": 1, "forward.estimator_epochs": 1,
          "joint_optimization.step1_epochs": 1, "joint_optimization.label_start_epoch": 1,
          "joint_optimization.window": 2, "pencil.stage2_epoch": 1, "pencil.stage3_epoch": 2,
          "coteaching.num_gradual": 2, "mlnt.feature_epochs": 1, "mlnt.start_step": 2,
-         "mlnt.ramp_end_step": 4, "mlnt.num_synthetic": 2, "mlnt.neighbours": 3}
+         "mlnt.ramp_end_step": 4, "mlnt.num_synthetic": 2, "mlnt.neighbours": 3,
+         "report": True}
 # What each method writes beside results.json besides the common files: name -> shape.
 PER_SAMPLE = ("num_train",)
 EXPORTS = {"coteaching": {"selected_by_net1.npy": PER_SAMPLE, "selected_by_net2.npy": PER_SAMPLE},

@@ -24,7 +24,8 @@ REPORT_FILES = ("figures/accuracy.png", "figures/soft_labels.png", "figures/conf
 def mln_run(tmp_path_factory):
   """A finished tiny in-memory MetaLabelNet run (digits, 40% uniform noise) and its results."""
   workdir = tmp_path_factory.mktemp("mln")
-  results = experiment.train_and_evaluate(tiny_config.get_config(), str(workdir))
+  config = tiny_config.with_overrides(tiny_config.get_config(), report=True)
+  results = experiment.train_and_evaluate(config, str(workdir))
   return workdir, results
 
 
@@ -130,7 +131,8 @@ def test_scores_without_soft_labels_give_rows_without_suggestions(tmp_path):
 
 def test_a_method_without_a_verdict_gets_figures_and_a_summary(tmp_path):
   config = tiny_config.with_overrides(tiny_config.get_config(), method="cross_entropy",
-                                      num_epochs=2, **{"label_issues.gallery_size": 0})
+                                      num_epochs=2, report=True,
+                                      **{"label_issues.gallery_size": 0})
   experiment.train_and_evaluate(config, str(tmp_path))
   assert (tmp_path / "figures/accuracy.png").exists()
   assert not (tmp_path / "label_issues.csv").exists()
@@ -152,7 +154,8 @@ def test_a_finished_image_folder_run_lists_its_files(tmp_path_factory):
   fake_layouts.image_folder(root)
   workdir = tmp_path_factory.mktemp("run")
   experiment.train_and_evaluate(
-      test_streamed.tiny_streamed("image_folder", root, **{"label_issues.gallery_size": 6}),
+      test_streamed.tiny_streamed("image_folder", root, report=True,
+                                  **{"label_issues.gallery_size": 6}),
       str(workdir))
   rows = read_rows(workdir / "label_issues.csv")
   with np.load(workdir / "soft_labels.npz") as export:

@@ -45,7 +45,7 @@ TINY_STREAMED = {
     "data.num_meta": 0, "data.resize_size": 20, "data.image_size": 16, "model.name": "conv_bn",
     "model.blocks": ((8,),), "model.feature_dim": 16, "batch_size": 8, "eval_batch_size": 16,
     "num_epochs": 3, "warmup_epochs": 1, "optim.learning_rate": 0.05, "optim.lr_boundaries": (2,),
-    "log_every_steps": 2, "checkpoint_every_steps": 2}
+    "log_every_steps": 2, "checkpoint_every_steps": 2, "report": False}
 
 
 def tiny_streamed(name, data_dir, **overrides):
