@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from mln_jax import config as config_lib, data as data_lib, dataset as dataset_lib, in_memory
+from mln_jax import config as config_lib, dataset as dataset_lib, in_memory
 from mln_jax import labels as labels_lib, loop, methods, report, runtime
 from mln_jax.dataset import Dataset, Split
 
@@ -77,9 +77,7 @@ def run(configs: list[ml_collections.ConfigDict], workdir: str,
   if all(os.path.exists(p) for p in report_paths):
     return [runtime.read_json(p) for p in report_paths]
   if datasets is None:
-    with jax.default_matmul_precision(config.matmul_precision):
-      image_dataset = data_lib.load_dataset(config.data)
-      datasets = [in_memory.prepare_data(c, image_dataset) for c in configs]
+    datasets = in_memory.prepare_runs(configs)
   num_train, num_classes = len(datasets[0].train), datasets[0].num_classes
   halves = split_halves(num_train, config.seed)
   out_of_sample = [np.zeros((num_train, num_classes), np.float32) for _ in configs]

@@ -19,7 +19,6 @@ from jax.sharding import Mesh
 
 from mln_jax import config as config_lib, cross_fit, in_memory, loop, methods, noise as noise_lib
 from mln_jax import runtime
-from mln_jax import data as data_lib
 from mln_jax.dataset import Dataset
 
 # Keys in which runs that share one program (one vmapped state) may differ.
@@ -113,9 +112,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[dict[
   datasets = None
   if not finished and not streamed:
     # Made once for all methods (noise with 'clean_model' trains teachers); not when finished.
-    with jax.default_matmul_precision(config.matmul_precision):
-      image_dataset = data_lib.load_dataset(config.data)
-      datasets = [in_memory.prepare_data(c, image_dataset) for c in configs]
+    datasets = in_memory.prepare_runs(configs)
   results = {name: train_and_evaluate_runs(method_configs[name], method_dirs[name], datasets)
              for name in method_names}
   cross_fitted = {n: cross_fit.run(method_configs[n], method_dirs[n], datasets) for n in fitted}

@@ -60,6 +60,14 @@ def prepare_data(config: ml_collections.ConfigDict,
       noise=dataset_lib.noise_summary(config.noise.kind, rate, noisy, clean))
 
 
+def prepare_runs(configs: list[ml_collections.ConfigDict]) -> list[Dataset]:
+  """`prepare_data` for runs that share one dataset: loaded once, each run's split and noise made
+  at the configs' matmul precision ('clean_model' noise trains teachers)."""
+  with jax.default_matmul_precision(configs[0].matmul_precision):
+    image_dataset = data_lib.load_dataset(configs[0].data)
+    return [prepare_data(c, image_dataset) for c in configs]
+
+
 def noise_probabilities(config: ml_collections.ConfigDict, image_dataset: data_lib.ImageDataset
                         ) -> np.ndarray:
   """The class probabilities P that feature-dependent noise is made from
@@ -267,8 +275,7 @@ class InMemorySource:
     """Every run's data (made unless given), checked against the batch size and put on the
     device."""
     if self.datasets is None:
-      image_dataset = data_lib.load_dataset(self.config.data)
-      self.datasets = [prepare_data(c, image_dataset) for c in self.configs]
+      self.datasets = prepare_runs(self.configs)
     batch_size = self.config.batch_size
     first = self.datasets[0]
     smallest = min(len(first.labelled_indices), len(first.meta))

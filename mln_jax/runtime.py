@@ -20,8 +20,8 @@ from mln_jax import config as config_lib
 
 RESULTS_FILE = "results.json"
 # Settings a resumed run may change: they do not change its numbers (e.g. keeping the meta set in
-# device memory or streaming it gives the same batches, and may be switched when memory runs short).
-# Settings that change what a run writes at its end or beside it, not what it trains.
+# device memory or streaming it gives the same batches, and may be switched when memory runs short;
+# the others change only what a run writes at its end or beside it).
 RESUMABLE_CHANGES = ("data.meta_in_memory", "export_soft_labels", "report",
                      "label_issues.gallery_size", "label_issues.cross_fit")
 # Where a workdir's cross-fit lives (mln_jax.cross_fit): its half runs are parts of one score.
