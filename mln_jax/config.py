@@ -61,6 +61,9 @@ def default_config() -> ml_collections.ConfigDict:
   # 14k at 224²: 2.1 GB per device), so that phase 2 decodes only training images; False streams
   # it from disk like the training images (the same batches either way).
   config.data.meta_in_memory = True
+  # Streamed datasets: check before training that every training file exists (a sample of them is
+  # always checked, and every meta and test image is decoded once).
+  config.data.verify_files = False
 
   config.noise = ml_collections.ConfigDict()
   config.noise.kind = "feature_dependent"
@@ -263,19 +266,76 @@ def _require(condition: bool, message: str) -> None:
     raise ValueError(message)
 
 
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _in_range(config: ml_collections.ConfigDict, key: str, low: float, high: float,
+              low_open: bool = False, meaning: str = "") -> None:
+  """config.<key> is a number in [low, high] ((low, high] with `low_open`)."""
+  value = config
+  for part in key.split("."):
+    value = value[part]
+  above = value > low if low_open else value >= low
+  _require(isinstance(value, (int, float)) and not isinstance(value, bool) and above
+           and value <= high,
+           f"config.{key}={value!r} must lie in {'(' if low_open else '['}{low}, {high}]"
+           + (f" ({meaning})." if meaning else "."))
+
+
+def _check_ranges(config: ml_collections.ConfigDict) -> None:
+  """Values no run can mean: each names its key and valid range."""
+  _require(_is_int(config.seed) and 0 <= config.seed < 2**31,
+           f"config.seed={config.seed!r} must be an integer in [0, 2^31).")
+  _in_range(config, "optim.learning_rate", 0, 10, low_open=True,
+            meaning="the classifier's SGD step size; the paper's 0.01 for CIFAR-10")
+  _in_range(config, "optim.momentum", 0, 0.999)
+  _in_range(config, "optim.weight_decay", 0, 1)
+  _in_range(config, "optim.lr_decay", 0, 1, low_open=True,
+            meaning="the factor at each of optim.lr_boundaries")
+  boundaries = config.optim.lr_boundaries
+  _require(isinstance(boundaries, (tuple, list)) and all(_is_int(b) and b >= 0 for b in boundaries)
+           and list(boundaries) == sorted(boundaries),
+           f"config.optim.lr_boundaries={boundaries!r} must be increasing 0-based epochs, e.g. "
+           "--config.optim.lr_boundaries='(41, 81)' (or '()' for a constant rate).")
+  _in_range(config, "mln.learning_rate", 0, 1, low_open=True,
+            meaning="MetaLabelNet's Adam step size β; the paper's 1e-2 (CIFAR-10) to 1e-3")
+  _in_range(config, "mln.inner_lr", 0, 100, low_open=True,
+            meaning="α of the inner SGD step; the reference's 1")
+  _in_range(config, "mln.weight_decay", 0, 1)
+  _require(_is_int(config.augment.pad) and config.augment.pad >= 0,
+           f"config.augment.pad={config.augment.pad!r} must be a whole number of pixels >= 0.")
+  _require(_is_int(config.noise.teacher_epochs) and config.noise.teacher_epochs >= 1,
+           f"config.noise.teacher_epochs={config.noise.teacher_epochs!r} must be at least 1 (the "
+           "epochs each clean-model teacher trains).")
+  for key in ("data.num_meta", "data.num_unlabelled", "data.num_heldout", "warmup_epochs"):
+    _in_range(config, key, 0, 2**31)
+  for key in ("num_epochs", "batch_size", "eval_batch_size", "log_every_steps",
+              "checkpoint_every_epochs"):
+    _require(_is_int(config[key]) and config[key] > 0,
+             f"config.{key}={config[key]!r} must be a positive integer.")
+  widths = lambda v: isinstance(v, (tuple, list)) and all(_is_int(w) and w > 0 for w in v)
+  _require(isinstance(config.model.blocks, (tuple, list))
+           and all(widths(block) and block for block in config.model.blocks),
+           f"config.model.blocks={config.model.blocks!r} must be blocks of positive widths, e.g. "
+           "--config.model.blocks='((32,), (64,))'.")
+  _require(widths(config.model.hidden),
+           f"config.model.hidden={config.model.hidden!r} must be positive widths, e.g. '(64, 32)'.")
+  _require(_is_int(config.model.feature_dim) and config.model.feature_dim > 0,
+           f"config.model.feature_dim={config.model.feature_dim!r} must be a positive integer.")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the offending key for unknown keys or impossible values (a method's
   own settings are checked by the method, `mln_jax.methods.get`)."""
   _check_keys(config, default_config())
+  _check_ranges(config)
   _require(config.noise.kind in NOISE_KINDS,
            f"config.noise.kind={config.noise.kind!r}: choose one of {NOISE_KINDS}.")
   _require(0.0 <= config.noise.rate <= 1.0,
            f"config.noise.rate={config.noise.rate}: a noise rate lies in [0, 1].")
-  _require(config.num_runs >= 1, f"config.num_runs={config.num_runs} must be at least 1.")
-  _require(config.batch_size > 0, f"config.batch_size={config.batch_size} must be positive.")
-  _require(config.eval_batch_size > 0,
-           f"config.eval_batch_size={config.eval_batch_size} must be positive.")
-  _require(config.num_epochs > 0, f"config.num_epochs={config.num_epochs} must be positive.")
+  _require(_is_int(config.num_runs) and config.num_runs >= 1,
+           f"config.num_runs={config.num_runs!r} must be at least 1.")
   _require(config.mln.meta_gradient in ("autodiff", "jvp"),
            f"config.mln.meta_gradient={config.mln.meta_gradient!r}: choose 'autodiff' or 'jvp'.")
   _require(config.epoch_loop in ("auto", "scan", "host"),
@@ -294,10 +354,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(config.label_issues.gallery_size >= 0,
            f"config.label_issues.gallery_size={config.label_issues.gallery_size} must be 0 (no "
            "gallery) or positive.")
-  _require(config.checkpoint_every_epochs > 0,
-           f"config.checkpoint_every_epochs={config.checkpoint_every_epochs} must be positive.")
-  _require(list(config.optim.lr_boundaries) == sorted(config.optim.lr_boundaries),
-           f"config.optim.lr_boundaries={config.optim.lr_boundaries} must be increasing.")
   datasets = IN_MEMORY_DATASETS + STREAMED_DATASETS
   _require(config.data.name in datasets,
            f"config.data.name={config.data.name!r}: choose one of {datasets}.")
@@ -335,8 +391,6 @@ def _validate_streamed(config: ml_collections.ConfigDict) -> None:
            "'shorter_side'.")
   _require(name != "webvision" or config.data.num_classes > 0,
            "config.data.num_classes must be positive for webvision (the paper: 50).")
-  _require(config.log_every_steps > 0,
-           f"config.log_every_steps={config.log_every_steps} must be positive.")
   _require(config.checkpoint_every_steps >= 0
            and config.checkpoint_every_steps % config.log_every_steps == 0,
            f"config.checkpoint_every_steps={config.checkpoint_every_steps} must be 0 or a multiple "

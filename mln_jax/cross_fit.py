@@ -77,7 +77,7 @@ def run(configs: list[ml_collections.ConfigDict], workdir: str,
   if all(os.path.exists(p) for p in report_paths):
     return [runtime.read_json(p) for p in report_paths]
   if datasets is None:
-    datasets = in_memory.prepare_runs(configs)
+    datasets = in_memory.prepare_runs(configs, cache_dir=workdir)
   num_train, num_classes = len(datasets[0].train), datasets[0].num_classes
   halves = split_halves(num_train, config.seed)
   out_of_sample = [np.zeros((num_train, num_classes), np.float32) for _ in configs]

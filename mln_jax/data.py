@@ -200,12 +200,17 @@ def load_cifar10_pack(path: str | os.PathLike[str], num_workers: int | None = No
   if not zipfile.is_zipfile(npz_file):
     raise ValueError(f"{npz_file} is not an .npz (zip) archive")
 
-  with np.load(npz_file, allow_pickle=False) as npz:
-    missing = [key for key in CIFAR10_PACK_KEYS if key not in npz.files]
-    if missing:
-      raise ValueError(f"{npz_file} lacks key(s) {missing}; a pack has {list(CIFAR10_PACK_KEYS)}")
-    # Each access decompresses the member, so read every key exactly once.
-    arrays = {key: npz[key] for key in CIFAR10_PACK_KEYS}
+  try:
+    with np.load(npz_file, allow_pickle=False) as npz:
+      missing = [key for key in CIFAR10_PACK_KEYS if key not in npz.files]
+      if missing:
+        raise ValueError(f"{npz_file} lacks key(s) {missing}; a pack has "
+                         f"{list(CIFAR10_PACK_KEYS)}")
+      # Each access decompresses the member, so read every key exactly once.
+      arrays = {key: npz[key] for key in CIFAR10_PACK_KEYS}
+  except (zipfile.BadZipFile, EOFError, OSError) as e:  # a truncated or corrupted copy
+    raise ValueError(f"{npz_file} is damaged ({type(e).__name__}: {e}); copy the pack "
+                     "again.") from None
 
   images = {}
   labels = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,33 @@ class Dataset:
   @property
   def labelled_indices(self) -> np.ndarray:
     return np.flatnonzero(self.train.labels >= 0).astype(np.int32)
+
+
+def digest_of(*arrays: np.ndarray) -> str:
+  """A short digest of arrays' dtypes and contents."""
+  digest = hashlib.sha256()
+  for array in arrays:
+    digest.update(str(array.dtype).encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()[:16]
+
+
+def _contents(split: Any) -> np.ndarray:
+  # The images in memory (uint8) or the files a streamed split reads.
+  files = getattr(split, "files", None)
+  return split.images if files is None else np.asarray(files, dtype=np.str_)
+
+
+def fingerprint(dataset: Dataset) -> dict[str, str]:
+  """Digests of what a run trains and is judged on, kept with its checkpoints: a resume on other
+  data (a labels file replaced under the same path) is refused, naming what differs."""
+  prints = {"training images": digest_of(_contents(dataset.train)),
+            "given training labels": digest_of(dataset.train.labels),
+            "clean training labels": digest_of(dataset.clean_train_labels),
+            "meta split": digest_of(_contents(dataset.meta), dataset.meta.labels)}
+  prints.update({f"{name} split": digest_of(_contents(split), split.labels)
+                 for name, split in dataset.tests.items()})
+  return prints
 
 
 def noise_summary(kind: str, rate: float | None, given: np.ndarray, clean: np.ndarray

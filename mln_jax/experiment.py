@@ -8,6 +8,7 @@ program where the data sits in device memory; it prints and writes (`comparison.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -63,7 +64,7 @@ def train_and_evaluate_runs(configs: list[ml_collections.ConfigDict], workdir: s
                        f"{len(configs)} configs.")
     source = streamed.StreamedSource(configs[0], mesh)
   else:
-    source = in_memory.InMemorySource(configs, datasets, mesh)
+    source = in_memory.InMemorySource(configs, datasets, mesh, cache_dir=workdir)
   return loop.train_and_evaluate(configs, workdir, source, method)
 
 
@@ -107,12 +108,30 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[dict[
   if jax.process_count() > 1 and not streamed:
     raise ValueError(f"{config.data.name} is held in device memory and trains in one process; "
                      "multi-process runs (--multihost) are for the streamed datasets.")
+  lead = jax.process_index() == 0
+  with runtime.workdir_lock(workdir) if lead else contextlib.nullcontext():
+    # The workdirs are made and checked against their configs before anything trains.
+    for name in method_names:
+      for run_dir, method_config in zip(runtime.run_dirs(method_dirs[name], len(configs)),
+                                        method_configs[name]):
+        os.makedirs(run_dir, exist_ok=True)
+        runtime.check_workdir_config(run_dir, method_config,
+                                     os.path.join(method_dirs[name], "checkpoints"), write=lead)
+    return _run_methods(config, configs, method_configs, method_dirs, fitted, workdir)
+
+
+def _run_methods(config: ml_collections.ConfigDict, configs: list[ml_collections.ConfigDict],
+                 method_configs: dict[str, list[ml_collections.ConfigDict]],
+                 method_dirs: dict[str, str], fitted: list[str], workdir: str
+                 ) -> dict[str, list[dict[str, Any]]]:
+  method_names = tuple(method_configs)
+  streamed = _is_streamed(config)
   finished = all(os.path.exists(os.path.join(d, runtime.RESULTS_FILE))
                  for m in method_names for d in runtime.run_dirs(method_dirs[m], len(configs)))
   datasets = None
   if not finished and not streamed:
     # Made once for all methods (noise with 'clean_model' trains teachers); not when finished.
-    datasets = in_memory.prepare_runs(configs)
+    datasets = in_memory.prepare_runs(configs, cache_dir=workdir)
   results = {name: train_and_evaluate_runs(method_configs[name], method_dirs[name], datasets)
              for name in method_names}
   cross_fitted = {n: cross_fit.run(method_configs[n], method_dirs[n], datasets) for n in fitted}

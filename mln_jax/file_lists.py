@@ -26,6 +26,7 @@ import os
 import pathlib
 from typing import Any
 
+from absl import logging
 import numpy as np
 
 from mln_jax import dataset as dataset_lib
@@ -78,7 +79,7 @@ def _read_pairs(path: pathlib.Path) -> tuple[list[str], np.ndarray]:
   files, labels = [], []
   with open(path) as f:
     for number, line in enumerate(f, 1):
-      parts = line.split()
+      parts = line.strip().rsplit(maxsplit=1)  # the label is the last field: paths may have spaces
       if not parts:
         continue
       if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
@@ -113,6 +114,15 @@ def _check_images_exist(files: np.ndarray, where: str, seed: int = 0) -> None:
     if not os.path.isfile(files[index]):
       raise FileNotFoundError(f"{files[index]} (listed in {where}) does not exist: the images are "
                               f"not where the layout says. Check --config.data_dir.")
+
+
+def check_all_exist(files: np.ndarray, where: str) -> None:
+  """Every listed file exists (config.data.verify_files; otherwise a sample is checked)."""
+  missing = [f for f in files if not os.path.isfile(f)]
+  if missing:
+    raise FileNotFoundError(f"{len(missing)} of the {len(files)} files in {where} do not exist, "
+                            f"e.g. {', '.join(missing[:3])}. Check --config.data_dir, or remove "
+                            "their lines.")
 
 
 def _absolute(root: pathlib.Path, relative: list[str]) -> np.ndarray:
@@ -226,6 +236,8 @@ def _class_folders(root: pathlib.Path, classes: list[str]) -> ImageList:
     images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES
                     and not any(part.startswith(".")
                                 for part in p.relative_to(folder).parts))
+    if not images:
+      logging.warning("%s holds no images: class %r has none in %s.", folder, name, root)
     files += [str(p) for p in images]
     labels += [label] * len(images)
   result = ImageList(np.asarray(files), np.asarray(labels, np.int32))

@@ -10,8 +10,10 @@ Batches are sharded over the `Mesh` (global-batch semantics).
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
+import zipfile
 from typing import Any, Callable, Iterator
 
 from absl import logging
@@ -33,18 +35,42 @@ from mln_jax.train_state import TrainState, state_from_config
 EpochData = tuple[jax.Array, ...]
 
 
+def check_batch_size(config: ml_collections.ConfigDict, sizes: dict[str, int],
+                     num_devices: int) -> None:
+  """Every epoch needs a whole batch of each kind of samples in `sizes` (labelled training, meta,
+  a clean-model teacher's fold), split evenly over the devices: checked before anything trains."""
+  small = {what: n for what, n in sizes.items() if n < config.batch_size}
+  if small:
+    raise ValueError(
+        f"config.batch_size={config.batch_size} is larger than the data: "
+        + ", ".join(f"{n} {what} samples" for what, n in small.items())
+        + ". Lower --config.batch_size (or raise --config.data.num_meta).")
+  if config.batch_size % num_devices:
+    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the number of "
+                     f"devices ({num_devices}).")
+
+
 def prepare_data(config: ml_collections.ConfigDict,
-                 image_dataset: data_lib.ImageDataset | None = None) -> Dataset:
+                 image_dataset: data_lib.ImageDataset | None = None,
+                 cache_dir: str | None = None) -> Dataset:
   """One run's data: the dataset (loaded unless given), its held-out pool split into meta and test
-  by seed, the noisy training labels, and labels dropped if asked."""
+  by seed, the noisy training labels, and labels dropped if asked. With 'clean_model' noise, the
+  teacher's probabilities are kept in (and on a rerun read from) `cache_dir`."""
   image_dataset = image_dataset or data_lib.load_dataset(config.data)
   meta_images, meta_labels, test_images, test_labels = data_lib.split_meta_test(
       image_dataset.heldout_images, image_dataset.heldout_labels, config.data.num_meta,
       seed=config.seed)
   clean = image_dataset.train_labels.astype(np.int32)
+  teacher = (config.noise.kind == "feature_dependent"
+             and config.noise.probabilities == "clean_model")
+  sizes = {"labelled training": len(clean) - config.data.num_unlabelled,
+           "meta": len(meta_labels)}
+  if teacher:  # trained on every device, on half the training set
+    sizes["clean-model teacher fold (half the training set)"] = len(clean) // 2
+  check_batch_size(config, sizes, make_mesh().size if teacher else 1)
   probabilities = None
   if config.noise.kind == "feature_dependent":
-    probabilities = noise_probabilities(config, image_dataset)
+    probabilities = noise_probabilities(config, image_dataset, cache_dir)
   noisy = noise_lib.make_noisy_labels(
       clean, kind=config.noise.kind, rate=config.noise.rate, num_classes=image_dataset.num_classes,
       seed=config.seed, probs=probabilities, path=config.noise.labels_path or None)
@@ -60,16 +86,17 @@ def prepare_data(config: ml_collections.ConfigDict,
       noise=dataset_lib.noise_summary(config.noise.kind, rate, noisy, clean))
 
 
-def prepare_runs(configs: list[ml_collections.ConfigDict]) -> list[Dataset]:
+def prepare_runs(configs: list[ml_collections.ConfigDict], cache_dir: str | None = None
+                 ) -> list[Dataset]:
   """`prepare_data` for runs that share one dataset: loaded once, each run's split and noise made
-  at the configs' matmul precision ('clean_model' noise trains teachers)."""
+  at the configs' matmul precision ('clean_model' noise trains teachers, kept in `cache_dir`)."""
   with jax.default_matmul_precision(configs[0].matmul_precision):
     image_dataset = data_lib.load_dataset(configs[0].data)
-    return [prepare_data(c, image_dataset) for c in configs]
+    return [prepare_data(c, image_dataset, cache_dir) for c in configs]
 
 
-def noise_probabilities(config: ml_collections.ConfigDict, image_dataset: data_lib.ImageDataset
-                        ) -> np.ndarray:
+def noise_probabilities(config: ml_collections.ConfigDict, image_dataset: data_lib.ImageDataset,
+                        cache_dir: str | None = None) -> np.ndarray:
   """The class probabilities P that feature-dependent noise is made from
   (config.noise.probabilities)."""
   source = config.noise.probabilities
@@ -79,7 +106,7 @@ def noise_probabilities(config: ml_collections.ConfigDict, image_dataset: data_l
                        "'clean_model' or a path to an (N, C) .npy file.")
     return noise_lib.student_probabilities(os.path.join(config.data.data_dir, "student_probs.npz"))
   if source == "clean_model":
-    return clean_model_probabilities(config, image_dataset)
+    return cached_clean_model_probabilities(config, image_dataset, cache_dir)
   if source.endswith(".npz"):  # e.g. the pack's student_probs.npz beside another CIFAR-10 source
     return noise_lib.student_probabilities(source)
   if not os.path.exists(source):
@@ -87,6 +114,42 @@ def noise_probabilities(config: ml_collections.ConfigDict, image_dataset: data_l
         f"config.noise.probabilities={source!r} is neither 'student', 'clean_model' nor an "
         f"existing .npy or .npz file.")
   return np.load(source)
+
+
+# What the teacher's probabilities depend on besides the images and labels.
+_TEACHER_KEYS = ("seed", "data", "model", "optim", "augment", "noise", "batch_size", "epoch_loop",
+                 "matmul_precision", "compute_dtype")
+
+
+def cached_clean_model_probabilities(config: ml_collections.ConfigDict,
+                                     image_dataset: data_lib.ImageDataset,
+                                     cache_dir: str | None) -> np.ndarray:
+  """`clean_model_probabilities`, kept in `cache_dir` (a workdir): a resumed or rerun run reads
+  them instead of training its teachers again (which costs time, and could come out differently on
+  another machine or version). Kept with a digest of the data and the settings they come from; a
+  difference trains them anew."""
+  if not cache_dir:
+    return clean_model_probabilities(config, image_dataset)
+  made_from = dataset_lib.digest_of(
+      image_dataset.train_images, image_dataset.train_labels.astype(np.int32),
+      np.frombuffer(json.dumps({k: config.to_dict()[k] for k in _TEACHER_KEYS},
+                               sort_keys=True, default=str).encode(), np.uint8))
+  path = os.path.join(cache_dir, f"clean_model_probabilities_seed{config.seed}.npz")
+  if os.path.exists(path):
+    try:
+      with np.load(path) as cached:
+        if str(cached["made_from"]) == made_from:
+          logging.info("clean-model probabilities read from %s (trained before).", path)
+          return cached["probabilities"]
+      logging.info("%s was made from other data or settings; training the teachers again.", path)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+      logging.warning("%s is unreadable (%s); training the teachers again.", path, e)
+  probabilities = clean_model_probabilities(config, image_dataset)
+  os.makedirs(cache_dir, exist_ok=True)
+  temporary = f"{path}.{os.getpid()}.tmp.npz"
+  np.savez(temporary, probabilities=probabilities, made_from=made_from)
+  os.replace(temporary, path)
+  return probabilities
 
 
 def clean_model_probabilities(config: ml_collections.ConfigDict,
@@ -111,7 +174,18 @@ def clean_model_probabilities(config: ml_collections.ConfigDict,
                                               image_dataset.num_classes, key))
     indices = replicate(mesh, trained_on)
     for epoch in range(config.noise.teacher_epochs):
-      state, _ = epoch_fn(state, (images, labels), indices, jax.random.fold_in(state.rng, epoch))
+      start = time.time()
+      state, metrics = epoch_fn(state, (images, labels), indices,
+                                jax.random.fold_in(state.rng, epoch))
+      loss = np.asarray(metrics["loss"])
+      if not np.isfinite(loss).all():
+        raise FloatingPointError(
+            f"The clean-model teacher (config.noise.probabilities='clean_model') diverged in fold "
+            f"{fold + 1}, epoch {epoch + 1}: non-finite loss. Lower --config.optim.learning_rate "
+            f"(now {config.optim.learning_rate}) or check the input data.")
+      logging.info("clean-model teacher fold %d/2 epoch %d/%d: loss %.4f, %.0f img/s", fold + 1,
+                   epoch + 1, config.noise.teacher_epochs, loss.mean(),
+                   loss.size * config.batch_size / (time.time() - start))
     probabilities[held_out] = np.asarray(predict(state, images[held_out]))
     logging.info("clean-model probabilities: fold %d trained on %d samples, held-out accuracy %.4f",
                  fold, len(trained_on), np.mean(probabilities[held_out].argmax(1)
@@ -213,10 +287,16 @@ def make_train_epoch(config: ml_collections.ConfigDict, mesh: Mesh, phase: Phase
 
   def host_loop_epoch(state, data, indices, key):
     xs = jit_schedule(key, indices, num_meta_of(data))
-    per_step = []
-    for i in range(xs[0].shape[0]):
+    num_steps, per_step, start = xs[0].shape[0], [], time.time()
+    for i in range(num_steps):
       state, metrics = jit_step(state, data, tuple(x[i] for x in xs))
       per_step.append(metrics)
+      if (i + 1) % config.log_every_steps == 0 and i + 1 < num_steps:  # a CPU epoch takes minutes
+        jax.block_until_ready(metrics)
+        seconds = time.time() - start
+        logging.info("[%s] step %d/%d  %.0f img/s, epoch ETA %.0f s", phase.name, i + 1,
+                     num_steps, (i + 1) * batch_size * (num_runs or 1) / seconds,
+                     seconds / (i + 1) * (num_steps - i - 1))
     return state, jax.tree.map(lambda *m: jnp.stack(m), *per_step)
   return host_loop_epoch
 
@@ -260,8 +340,10 @@ class InMemorySource:
   tracks_soft_labels = True  # soft labels of every training sample are cheap to get each epoch
 
   def __init__(self, configs: list[ml_collections.ConfigDict],
-               datasets: list[Dataset] | None = None, mesh: Mesh | None = None):
+               datasets: list[Dataset] | None = None, mesh: Mesh | None = None,
+               cache_dir: str | None = None):
     self.configs = configs
+    self.cache_dir = cache_dir
     self.config = configs[0]
     self.num_runs = len(configs)
     self.mesh = mesh or make_mesh()
@@ -275,20 +357,12 @@ class InMemorySource:
     """Every run's data (made unless given), checked against the batch size and put on the
     device."""
     if self.datasets is None:
-      self.datasets = prepare_runs(self.configs)
-    batch_size = self.config.batch_size
+      self.datasets = prepare_runs(self.configs, self.cache_dir)
     first = self.datasets[0]
-    smallest = min(len(first.labelled_indices), len(first.meta))
-    if batch_size > smallest:
-      raise ValueError(
-          f"config.batch_size={batch_size} is larger than the data: {len(first.labelled_indices)} "
-          f"labelled training and {len(first.meta)} meta samples. Lower --config.batch_size (or "
-          f"raise --config.data.num_meta).")
+    check_batch_size(self.config, {"labelled training": len(first.labelled_indices),
+                                   "meta": len(first.meta)}, self.mesh.size)
     if len({len(d.labelled_indices) for d in self.datasets}) > 1:
       raise ValueError("Runs trained together need the same number of labelled samples.")
-    if batch_size % self.mesh.size:
-      raise ValueError(f"config.batch_size={batch_size} must be divisible by the number of "
-                       f"devices ({self.mesh.size}).")
     put = lambda x: replicate(self.mesh, x)
     stacked = lambda get: put(np.stack([get(d) for d in self.datasets]))
     self.images = put(first.train.images)  # shared by all runs: one copy on the device

@@ -198,19 +198,30 @@ def meta_batches(images: ImageList, num_steps: int, batch_size: int, prep: Prepr
   return stream_of(images, order, flips, prep, start_step)
 
 
+def _whole_pass(images: ImageList, prep: Preprocessing, batch_size: int) -> Stream:
+  """Every image of the list once, in list order (the last batch padded with the last image), in
+  every process."""
+  num_steps = -(-len(images) // batch_size)
+  order = np.minimum(np.arange(num_steps * batch_size), len(images) - 1).reshape(num_steps, -1)
+  return stream_of(images, order, np.zeros(order.shape, bool), dataclasses.replace(prep,
+                   hflip=False), 0, every_process_whole=True)
+
+
 def decode_all(images: ImageList, prep: Preprocessing, batch_size: int = 256) -> np.ndarray:
   """Every image of the list resized and centre-cropped, unflipped, as uint8 (N, size, size, 3) in
   list order, in every process (for a meta set kept in device memory)."""
-  prep = dataclasses.replace(prep, hflip=False)
-  num_steps = -(-len(images) // batch_size)
-  order = np.minimum(np.arange(num_steps * batch_size), len(images) - 1).reshape(num_steps, -1)
-  stream = stream_of(images, order, np.zeros(order.shape, bool), prep, 0,
-                     every_process_whole=True)
   pixels = np.empty((len(images), prep.image_size, prep.image_size, 3), np.uint8)
-  for index, batch in enumerate(stream):  # filled in place: one copy of the set in host memory
+  for index, batch in enumerate(_whole_pass(images, prep, batch_size)):  # filled in place
     rows = pixels[index * batch_size:(index + 1) * batch_size]
     rows[:] = batch["image"][:len(rows)]
   return pixels
+
+
+def check_decodes(images: ImageList, prep: Preprocessing, batch_size: int = 256) -> None:
+  """Reads and decodes every image of the list once, raising ValueError naming any that cannot be
+  (before training, for the sets it evaluates on: found later, a broken one costs an epoch)."""
+  for _ in _whole_pass(images, prep, batch_size):
+    pass
 
 
 def eval_batches(images: ImageList, batch_size: int, prep: Preprocessing) -> Stream:

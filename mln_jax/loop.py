@@ -13,8 +13,12 @@ and one results schema (`results.json`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import shutil
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterator, Protocol
 
@@ -24,7 +28,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mln_jax import config as config_lib, labels as labels_lib, report, runtime, writers
+from mln_jax import config as config_lib, dataset as dataset_lib, labels as labels_lib, report
+from mln_jax import runtime, writers
 from mln_jax.dataset import Dataset
 from mln_jax.methods import Method, Phase
 from mln_jax.train_state import TrainState
@@ -106,12 +111,44 @@ def train_and_evaluate(configs: list[ml_collections.ConfigDict], workdir: str, s
   label_issues.csv and summary.md (`mln_jax.report`). The (stacked) state is checkpointed in
   `workdir/checkpoints`. Returns the runs' results.
   """
-  with jax.default_matmul_precision(configs[0].matmul_precision):
-    return _train_and_evaluate(configs, workdir, source, method)
+  lead = jax.process_index() == 0
+  with (runtime.workdir_lock(workdir) if lead else contextlib.nullcontext()), \
+      _stop_on_signals() as stop, jax.default_matmul_precision(configs[0].matmul_precision):
+    return _train_and_evaluate(configs, workdir, source, method, stop)
+
+
+class _StopRequest:
+  """Set by SIGINT or SIGTERM: the loop stops at the next step (streamed) or epoch end (in memory)
+  with a checkpoint, as on a preemption notice."""
+
+  def __init__(self):
+    self.signal_name: str | None = None
+
+  def __call__(self, signum: int, frame: Any) -> None:
+    del frame
+    self.signal_name = signal.Signals(signum).name
+    signal.signal(signum, signal.SIG_DFL if signum != signal.SIGINT else signal.default_int_handler)
+    logging.warning("%s: stopping with a checkpoint at the next step or epoch end (a second %s "
+                    "stops at once, losing the steps since the last checkpoint).",
+                    self.signal_name, self.signal_name)
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[_StopRequest]:
+  stop = _StopRequest()
+  if threading.current_thread() is not threading.main_thread():  # only it may set handlers
+    yield stop
+    return
+  previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    yield stop
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
 
 
 def _train_and_evaluate(configs: list[ml_collections.ConfigDict], workdir: str, source: Source,
-                        method: Method) -> list[dict[str, Any]]:
+                        method: Method, stop: _StopRequest) -> list[dict[str, Any]]:
   config, num_runs = configs[0], len(configs)
   lead = jax.process_index() == 0  # process 0 writes; every process checks
   run_dirs = runtime.run_dirs(workdir, num_runs)
@@ -121,8 +158,12 @@ def _train_and_evaluate(configs: list[ml_collections.ConfigDict], workdir: str, 
     runtime.check_workdir_config(run_dir, run_config, checkpoint_dir, write=lead)
   results_paths = [os.path.join(d, runtime.RESULTS_FILE) for d in run_dirs]
   if all(os.path.exists(p) for p in results_paths):
-    logging.info("%s is complete; returning its results.", workdir)
-    return [runtime.read_json(path) for path in results_paths]
+    try:
+      finished = [runtime.read_json(path) for path in results_paths]
+      logging.info("%s is complete; returning its results.", workdir)
+      return finished
+    except ValueError as e:  # results.json is made from the final checkpoint: make it again
+      logging.warning("%s; writing the results again from the last checkpoint.", e)
 
   start_time = time.time()
   datasets = source.load()
@@ -138,27 +179,24 @@ def _train_and_evaluate(configs: list[ml_collections.ConfigDict], workdir: str, 
   checkpoints = ocp.CheckpointManager(
       os.path.abspath(checkpoint_dir),
       # Synchronous saves: a checkpoint is complete before training goes on, so a kill never loses
-      # what was saved.
+      # what was saved; a save cut short leaves a temporary folder, removed here.
       options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
-                                           enable_async_checkpointing=False))
+                                           enable_async_checkpointing=False,
+                                           cleanup_tmp_directories=True))
   state = source.init_state(method, fresh=checkpoints.latest_step() is None)
   progress = _fresh_progress(num_runs)
+  progress["data"] = [dataset_lib.fingerprint(d) for d in datasets]
   if checkpoints.latest_step() is not None:
-    latest = checkpoints.latest_step()
-    saved = checkpoints.restore(latest, args=ocp.args.Composite(
-        progress=ocp.args.JsonRestore())).progress
-    if "global_step" not in saved:
-      raise ValueError(f"{workdir} holds a checkpoint of an older mln_jax (before its one training "
-                       "loop), which this version cannot resume: finish it with the version that "
-                       "started it, or use a new --workdir.")
-    if saved.get("num_runs") != num_runs:
-      raise ValueError(f"{workdir} holds a checkpoint of {saved.get('num_runs')} runs, not "
-                       f"{num_runs}. Resume with the same runs or use a new --workdir.")
-    restored = checkpoints.restore(latest, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(state), progress=ocp.args.JsonRestore()))
-    state, progress = restored.state, restored.progress
-    logging.info("Resumed from the checkpoint at epoch %d, step %d in %s.", progress["epoch"] + 1,
-                 progress["step"], workdir)
+    fingerprints = progress["data"]
+    state, progress = _restore(checkpoints, state, workdir, num_runs)
+    _check_same_data(progress.get("data"), fingerprints, run_dirs)
+    progress["data"] = fingerprints
+    if progress["epoch"] == method.total_epochs(config):
+      logging.info("Resumed after the last epoch's checkpoint in %s: writing the results.",
+                   workdir)
+    else:
+      logging.info("Resumed from the checkpoint at epoch %d, step %d in %s.",
+                   progress["epoch"] + 1, progress["step"], workdir)
 
   def save() -> None:
     if not checkpoints.save(progress["global_step"], args=ocp.args.Composite(
@@ -191,8 +229,9 @@ def _train_and_evaluate(configs: list[ml_collections.ConfigDict], workdir: str, 
     window = [{k: np.asarray(v, np.float32) for k, v in m.items()} for m in progress["window"]]
     window_start, window_new_steps, preempted = time.time(), 0, False
     step = start_step
-    for chunk in source.train_chunks(state, phase, epoch, start_step,
-                                     checkpoints.reached_preemption, progress["global_step"]):
+    stopping = lambda step: bool(stop.signal_name) or checkpoints.reached_preemption(step)
+    for chunk in source.train_chunks(state, phase, epoch, start_step, stopping,
+                                     progress["global_step"]):
       state, preempted = chunk.state, chunk.preempted
       step += chunk.num_steps
       window_new_steps += chunk.num_steps
@@ -227,9 +266,9 @@ def _train_and_evaluate(configs: list[ml_collections.ConfigDict], workdir: str, 
         save()
       if preempted:
         checkpoints.wait_until_finished()
-        raise Preempted(f"Preemption notice at step {progress['global_step']} (epoch {epoch + 1}, "
-                        f"step {step}/{num_steps}): checkpoint written; run the same command "
-                        "again to resume.")
+        raise Preempted(f"{stop.signal_name or 'Preemption notice'} at step "
+                        f"{progress['global_step']} (epoch {epoch + 1}, step {step}/{num_steps}): "
+                        "checkpoint written; run the same command again to resume.")
 
     eval_start = time.time()
     accuracies, chosen = _evaluate(source, state, method)
@@ -274,14 +313,78 @@ def _train_and_evaluate(configs: list[ml_collections.ConfigDict], workdir: str, 
       save()
     if preempted:
       checkpoints.wait_until_finished()
-      raise Preempted(f"Preemption notice at the end of epoch {epoch + 1} (step "
-                      f"{progress['global_step']}): checkpoint written; run the same command "
-                      "again to resume.")
+      raise Preempted(f"{stop.signal_name or 'Preemption notice'} at the end of epoch "
+                      f"{epoch + 1} (step {progress['global_step']}): checkpoint written; run the "
+                      "same command again to resume.")
   checkpoints.wait_until_finished()
   for writer in run_writers:
     writer.flush()
   return _finish(configs, workdir, run_dirs, source, method, state, progress, datasets, selected,
                  start_time, lead)
+
+
+def _restore(checkpoints: ocp.CheckpointManager, template: TrainState, workdir: str,
+             num_runs: int) -> tuple[TrainState, dict[str, Any]]:
+  """The state and progress of the newest checkpoint that restores.
+
+  A damaged checkpoint (a truncated file, a missing one, an empty step folder) is reported and
+  moved to `workdir/damaged_checkpoints/` (its step would be written again) once an older one
+  restores: the run goes on from there, to the same result.
+  """
+  damaged: list[tuple[int, str]] = []
+  for step in sorted(checkpoints.all_steps(), reverse=True):
+    try:
+      saved = checkpoints.restore(step, args=ocp.args.Composite(
+          progress=ocp.args.JsonRestore())).progress
+    except Exception as e:  # noqa: BLE001 (orbax and tensorstore raise many kinds)
+      damaged.append((step, f"{type(e).__name__}: {str(e)[:300]}"))
+      logging.warning("The checkpoint of step %d in %s does not restore (%s); trying an older one.",
+                      step, checkpoints.directory, damaged[-1][1])
+      continue
+    if not isinstance(saved, dict) or "global_step" not in saved:
+      raise ValueError(f"{workdir} holds a checkpoint of an older mln_jax (before its one training "
+                       "loop), which this version cannot resume: finish it with the version that "
+                       "started it, or use a new --workdir.")
+    if saved.get("num_runs") != num_runs:
+      raise ValueError(f"{workdir} holds a checkpoint of {saved.get('num_runs')} runs, not "
+                       f"{num_runs}. Resume with the same runs or use a new --workdir.")
+    try:
+      restored = checkpoints.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(template), progress=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001
+      damaged.append((step, f"{type(e).__name__}: {str(e)[:300]}"))
+      logging.warning("The checkpoint of step %d in %s does not restore (%s); trying an older one.",
+                      step, checkpoints.directory, damaged[-1][1])
+      continue
+    if damaged:
+      aside = os.path.join(workdir, "damaged_checkpoints")
+      os.makedirs(aside, exist_ok=True)
+      for bad_step, _ in damaged:
+        shutil.move(os.path.join(str(checkpoints.directory), str(bad_step)),
+                    os.path.join(aside, f"{bad_step}.{int(time.time())}"))
+      checkpoints.reload()
+      logging.warning("Resuming from the intact checkpoint of step %d; the damaged ones are in %s "
+                      "(delete them when you like).", step, aside)
+    return restored.state, restored.progress
+  raise ValueError(f"No checkpoint in {checkpoints.directory} restores: "
+                   + "; ".join(f"step {s}: {why}" for s, why in damaged)
+                   + f". Delete {checkpoints.directory} to start the run over.")
+
+
+def _check_same_data(saved: list[dict[str, str]] | None, current: list[dict[str, str]],
+                     run_dirs: list[str]) -> None:
+  """A resumed run must see the data it was trained on so far (labels files can change under the
+  same path)."""
+  if saved is None:  # checkpoints of versions that kept no fingerprint
+    logging.warning("The checkpoint keeps no fingerprint of its data; resuming unchecked.")
+    return
+  for run_dir, before, now in zip(run_dirs, saved, current):
+    changed = [what for what in sorted(set(before) | set(now)) if before.get(what) != now.get(what)]
+    if changed:
+      raise ValueError(
+          f"The data of {run_dir} changed since its checkpoint: {', '.join(changed)} differ (a "
+          "labels or data file replaced under the same path?). Resuming would train on other "
+          "data than so far; restore the data, or start over with a new --workdir.")
 
 
 def restore_latest_state(workdir: str, template: TrainState) -> TrainState:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import math
 import os
 import pathlib
+import zipfile
 
 import numpy as np
 
@@ -162,12 +163,25 @@ def _read_label_file(path: str | os.PathLike) -> np.ndarray:
   if sep and stem.endswith(".npz"):
     file, key = stem, suffix_key
   file = pathlib.Path(file)
+  if file.is_dir():
+    raise IsADirectoryError(f"noisy-label path {file} is a folder: name the label file in it "
+                            "(.npy, .npz, .txt or .csv).")
   if not file.is_file():
     raise FileNotFoundError(f"noisy-label file not found: {file}")
+  try:
+    return _read_label_array(file, key)
+  except (EOFError, zipfile.BadZipFile, OSError) as e:  # truncated or not what it says
+    raise ValueError(f"{file} is damaged or not a {file.suffix} file ({type(e).__name__}: "
+                     f"{e}).") from None
 
+
+def _read_label_array(file: pathlib.Path, key: str | None) -> np.ndarray:
   suffix = file.suffix.lower()
   if suffix == ".npy":
-    return np.load(file, allow_pickle=False)
+    try:
+      return np.load(file, allow_pickle=False)
+    except ValueError as e:  # a damaged header or payload reads as a pickle or a short array
+      raise ValueError(f"{file} is damaged or not an .npy array ({e}).") from None
   if suffix == ".npz":
     with np.load(file, allow_pickle=False) as archive:
       if key is None:

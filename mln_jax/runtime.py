@@ -3,11 +3,14 @@ JSON files written atomically, and the environment a result was computed in."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.metadata
 import json
 import os
+import socket
 import subprocess
-from typing import Any
+from typing import Any, Iterator
 
 from absl import logging
 import jax
@@ -21,11 +24,64 @@ from mln_jax import config as config_lib
 RESULTS_FILE = "results.json"
 # Settings a resumed run may change: they do not change its numbers (e.g. keeping the meta set in
 # device memory or streaming it gives the same batches, and may be switched when memory runs short;
-# the others change only what a run writes at its end or beside it).
-RESUMABLE_CHANGES = ("data.meta_in_memory", "export_soft_labels", "report",
+# the others change only what a run checks or writes at its end or beside it).
+RESUMABLE_CHANGES = ("data.meta_in_memory", "data.verify_files", "export_soft_labels", "report",
                      "label_issues.gallery_size", "label_issues.cross_fit")
 # Where a workdir's cross-fit lives (mln_jax.cross_fit): its half runs are parts of one score.
 CROSS_FIT_DIR = "cross_fit"
+LOCK_FILE = ".lock"
+# What to do about a damaged JSON file a workdir holds, by its name.
+_JSON_FIXES = {
+    RESULTS_FILE: "Delete it and run the same command again: the run resumes from its last "
+                  "checkpoint and writes it anew.",
+    "config.json": "It records the config the run was started with: restore it from a copy, or "
+                   "delete it if you are sure the command's config is that run's.",
+    "comparison.json": "Delete it: the next run of the experiment writes it again.",
+}
+
+
+class WorkdirBusy(RuntimeError):
+  """Another process trains in the workdir."""
+
+
+_held_locks: dict[str, list[int]] = {}  # lock file -> [file descriptor, holds in this process]
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+  """Holds `workdir/.lock` while a run works there, so that a second process on the same workdir is
+  refused with the first one's pid instead of training beside it.
+
+  The lock is an `flock`, which the kernel releases when its process ends in any way (a SIGKILL
+  included): it never stays stuck. Nested holds in one process (an experiment around its runs)
+  are allowed.
+  """
+  path = os.path.abspath(os.path.join(workdir, LOCK_FILE))
+  if path in _held_locks:
+    _held_locks[path][1] += 1
+    try:
+      yield
+    finally:
+      _held_locks[path][1] -= 1
+    return
+  os.makedirs(workdir, exist_ok=True)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+    os.close(fd)
+    raise WorkdirBusy(f"{workdir} is in use by another run ({holder}). Wait for it to finish or "
+                      "stop it (it resumes later from its checkpoints), or use another "
+                      "--workdir.") from None
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+  _held_locks[path] = [fd, 1]
+  try:
+    yield
+  finally:
+    del _held_locks[path]
+    os.close(fd)  # releases the lock; the file stays (removing it would race a new holder)
 
 
 def make_mesh() -> Mesh:
@@ -66,8 +122,13 @@ def write_json_atomically(path: str, payload: Any) -> None:
 
 
 def read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
+  """A JSON file of a workdir; a damaged one is named, with what to do about it."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    fix = _JSON_FIXES.get(os.path.basename(path), "Delete or restore it.")
+    raise ValueError(f"{path} is damaged ({e}); a killed write or a full disk? {fix}") from None
 
 
 def _version(package: str) -> str:
