@@ -63,6 +63,7 @@ def prepare_data(config: ml_collections.ConfigDict,
   clean = image_dataset.train_labels.astype(np.int32)
   teacher = (config.noise.kind == "feature_dependent"
              and config.noise.probabilities == "clean_model")
+  dataset_lib.choose_unlabelled(len(clean), config.data.num_unlabelled, config.seed)  # in range?
   sizes = {"labelled training": len(clean) - config.data.num_unlabelled,
            "meta": len(meta_labels)}
   if teacher:  # trained on every device, on half the training set

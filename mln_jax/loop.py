@@ -161,6 +161,12 @@ def _train_and_evaluate(configs: list[ml_collections.ConfigDict], workdir: str, 
     try:
       finished = [runtime.read_json(path) for path in results_paths]
       logging.info("%s is complete; returning its results.", workdir)
+      # A stop between results.json and the end of its report: the report is made now.
+      unreported = [i for i, d in enumerate(run_dirs)
+                    if not os.path.exists(os.path.join(d, report.SUMMARY_FILE))]
+      if lead and unreported:
+        _write_reports([run_dirs[i] for i in unreported], [configs[i] for i in unreported],
+                       [finished[i] for i in unreported], [None] * len(unreported))
       return finished
     except ValueError as e:  # results.json is made from the final checkpoint: make it again
       logging.warning("%s; writing the results again from the last checkpoint.", e)
@@ -496,12 +502,20 @@ def _finish(configs: list[ml_collections.ConfigDict], workdir: str, run_dirs: li
                  results["best"]["epoch"], results["last"]["test_accuracy"], label_issues)
     all_results.append(results)
   # After every run's results.json: a failed figure must not leave a finished run unfinished.
-  for run_dir, dataset, run_config, results in zip(run_dirs, datasets, configs, all_results):
-    if lead and run_config.report:
+  if lead:
+    _write_reports(run_dirs, configs, all_results,
+                   [getattr(d.train, "images", None) for d in datasets])
+  return all_results
+
+
+def _write_reports(run_dirs: list[str], configs: list[ml_collections.ConfigDict],
+                   all_results: list[dict[str, Any]], train_images: list[np.ndarray | None]
+                   ) -> None:
+  """Each run's report (config.report); an error is logged, never fatal to the finished runs."""
+  for run_dir, run_config, results, images in zip(run_dirs, configs, all_results, train_images):
+    if run_config.report:
       try:
-        report.write_run_report(run_dir, results, run_config.label_issues.gallery_size,
-                                getattr(dataset.train, "images", None))
+        report.write_run_report(run_dir, results, run_config.label_issues.gallery_size, images)
       except Exception:  # noqa: BLE001 (the results stand; the report can be redone)
         logging.exception("The report of %s failed; its results stand. Redo it with python -m "
                           "mln_jax.report --workdir=%s", run_dir, run_dir)
-  return all_results

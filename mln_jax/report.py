@@ -327,7 +327,10 @@ def write_run_report(run_dir: str | os.PathLike[str], results: dict[str, Any] | 
           f"{results['method']} on {results['dataset']}: the most suspicious labels "
           "(#sample score, given → suggested)", train_images)
   summary = run_dir / SUMMARY_FILE
-  summary.write_text(_summary(results, issues, files, run_dir, class_names, top))
+  # Written last and whole (it marks a complete report: a run stopped before it redoes it).
+  partial = summary.with_suffix(".md.tmp")
+  partial.write_text(_summary(results, issues, files, run_dir, class_names, top))
+  os.replace(partial, summary)
   files["summary"] = summary
   return files
 
