@@ -46,7 +46,7 @@ def _victim(point: str, argv: list[str]) -> None:
   import orbax.checkpoint as ocp
   from absl import app
   from mln_jax import experiment, in_memory, labels, loop, main, report
-  from mln_jax.methods import base
+  from mln_jax.methods import metalabelnet
 
   def die():
     os.kill(os.getpid(), signal.SIGKILL)
@@ -81,7 +81,7 @@ def _victim(point: str, argv: list[str]) -> None:
       "teacher fold 2 (clean-model noise)": lambda: before(in_memory, "state_from_config", 2),
       "after the teachers, before training": lambda: before(loop, "train_and_evaluate"),
       "at the phase switch (entering phase 2)": lambda: before(
-          base.Phase, "enter", when=lambda self, state, begins: begins and self.first_epoch > 0),
+          metalabelnet, "enter_phase2", when=lambda state, begins: begins),
       "in phase 2 (epoch 5)": lambda: before(
           loop, "check_finite", when=lambda m, epoch, *a: epoch == 4),
       "right after the final checkpoint": lambda: before(loop, "_finish"),
@@ -378,6 +378,8 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "reliability.md"))
   parser.add_argument("--jobs", type=int, default=2, help="scenarios run side by side")
+  parser.add_argument("--only", action="append", help="rerun the rows whose name contains this "
+                      "(repeatable) and replace them in --out, which keeps the others")
   parser.add_argument("--victim", help=argparse.SUPPRESS)
   args, rest = parser.parse_known_args()
   if args.victim:
@@ -419,8 +421,15 @@ def main() -> None:
     tasks[("input", what)] = lambda w=what, e=extra, x=expected: _bad_input_row(w, e, x, root)[1:]
 
   rows: dict[str, list[tuple[str, str, str]]] = {}
+  if args.only:
+    rows = _read_rows(pathlib.Path(args.out))
+    tasks_run = {key: fn for key, fn in tasks.items() if any(o in key[1] for o in args.only)}
+    for section, what in tasks_run:
+      rows[section] = [row for row in rows.get(section, []) if row[0] != what]
+  else:
+    tasks_run = tasks
   with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-    futures = {pool.submit(fn): key for key, fn in tasks.items()}
+    futures = {pool.submit(fn): key for key, fn in tasks_run.items()}
     for future in concurrent.futures.as_completed(futures):
       section, what = futures[future]
       try:
@@ -431,27 +440,48 @@ def main() -> None:
       rows.setdefault(section, []).extend(new)
       for row in new:
         print(f"[{section}] {row[0]}: {row[1]} — {row[2][:160]}", flush=True)
-  _write(pathlib.Path(args.out), rows, time.time() - start, tasks)
+  _write(pathlib.Path(args.out), rows, time.time() - start, tasks, args.only)
   shutil.rmtree(root, ignore_errors=True)
 
 
+TITLES = {"kill": "Stops at any moment, then the same command again",
+          "damage": "Damaged files, then the same command again",
+          "data": "Data changed under the same path",
+          "processes": "Two processes on one workdir",
+          "input": "Bad inputs"}
+
+
+def _read_rows(path: pathlib.Path) -> dict[str, list[tuple[str, str, str]]]:
+  """The rows of an earlier report (for --only), by section."""
+  sections = {f"## {title}": key for key, title in TITLES.items()}
+  rows: dict[str, list[tuple[str, str, str]]] = {}
+  section = None
+  for line in path.read_text().splitlines():
+    if line in sections:
+      section = sections[line]
+    elif section and line.startswith("| ") and not line.startswith("| what |"):
+      what, status, detail = (cell.strip() for cell in line[2:-2].split(" | ", 2))
+      rows.setdefault(section, []).append((what, status, detail.replace("\\|", "|")))
+  return rows
+
+
 def _write(path: pathlib.Path, rows: dict[str, list[tuple[str, str, str]]], seconds: float,
-           tasks: dict) -> None:
+           tasks: dict, only: list[str] | None) -> None:
   from mln_jax import runtime
-  titles = {"kill": "Stops at any moment, then the same command again",
-            "damage": "Damaged files, then the same command again",
-            "data": "Data changed under the same path",
-            "processes": "Two processes on one workdir",
-            "input": "Bad inputs"}
+  titles = TITLES
+  earlier = [line for line in path.read_text().splitlines()
+             if line.startswith("- Rows rerun")] if only else []
   order = {key[1]: index for index, key in enumerate(tasks)}
   every = [row for section in rows.values() for row in section]
   counts = {status: sum(row[1] == status for row in every) for status in (IDENTICAL, CLEAR, OTHER)}
   lines = [
       "# Reliability: stops, damage, changed data, two processes, bad inputs",
       "",
-      f"- Command: `python experiments/reliability.py` ({seconds / 60:.0f} min)",
-      f"- Date: {datetime.date.today()}; commit {runtime.git_commit()}; device: "
-      f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores (CPU only)",
+      f"- Command: `python experiments/reliability.py` ({seconds / 60:.0f} min)" if not only else
+      _first_line(path, "- Command:"),
+      (f"- Date: {datetime.date.today()}; commit {runtime.git_commit()}; device: "
+       f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores (CPU only)")
+      if not only else _first_line(path, "- Date:"),
       f"- Run: `python -m mln_jax.main {' '.join(a.replace(str(REPO) + '/', '') for a in BASE)}`"
       " (the digits default, MetaLabelNet, its schedule shortened to 6 epochs, 3 of warm-up)",
       "- Identical: the rerun's results.json without its times, its soft_labels.npz and its final "
@@ -460,7 +490,13 @@ def _write(path: pathlib.Path, rows: dict[str, list[tuple[str, str, str]]], seco
       "the message naming the problem.",
       f"- **{len(every)} rows: {counts[IDENTICAL]} resumed identical, {counts[CLEAR]} clear "
       f"error, {counts[OTHER]} other.**",
+      *earlier,
   ]
+  if only:
+    flags = " ".join(f'--only="{o}"' for o in only)
+    lines.append(f"- Rows rerun with `python experiments/reliability.py {flags}` on "
+                 f"{datetime.date.today()} at commit {runtime.git_commit()} "
+                 f"({seconds / 60:.0f} min); the other rows are from the command above.")
   for section, title in titles.items():
     lines += ["", f"## {title}", "", "| what | outcome | detail |", "|---|---|---|"]
     for what, status, detail in sorted(rows.get(section, []), key=lambda r: order.get(r[0], 0)):
@@ -468,6 +504,10 @@ def _write(path: pathlib.Path, rows: dict[str, list[tuple[str, str, str]]], seco
       lines.append(f"| {what} | {status} | {detail} |")
   path.write_text("\n".join(lines) + "\n")
   print(f"wrote {path}: {counts}")
+
+
+def _first_line(path: pathlib.Path, prefix: str) -> str:
+  return next(line for line in path.read_text().splitlines() if line.startswith(prefix))
 
 
 if __name__ == "__main__":

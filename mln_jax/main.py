@@ -99,9 +99,27 @@ def main(argv: list[str]) -> None:
     sys.exit(2)
   except KeyboardInterrupt:  # a second Ctrl-C: stopped at once
     print("interrupted: run the same command again to resume from the last checkpoint.",
-          file=sys.stderr)
-    sys.exit(130)
+          file=sys.stderr, flush=True)
+    # At once: an interrupted checkpoint save leaves orbax's threads to complain at a normal
+    # shutdown; what was saved is complete, what was not is cleaned up on the rerun.
+    os._exit(130)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad --config.KEY=VALUE (an unknown key, a value of the wrong type)
+  named in one line instead of a traceback."""
+  try:
+    return FLAGS(argv)
+  except flags.Error:
+    return app.parse_flags_with_usage(argv)  # absl's own message and usage
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    named = str(e).strip("'\" ")  # e.g. the unknown key
+    override = next((a for a in argv if a.startswith("--config.") and named in a), "")
+    print(f"error: a --config override cannot be applied ({type(e).__name__}: {e}); check the "
+          f"key and the value's type{f' in {override}' if override else ''} (--print_config "
+          "lists every key).", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -3,6 +3,7 @@ second process, checks before training and the command line's errors."""
 
 import json
 import os
+import re
 import pathlib
 import shutil
 import signal
@@ -71,7 +72,7 @@ def reference_cross_entropy(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_stop_after_the_final_checkpoint_finishes_on_rerun(tmp_path, monkeypatch):
+def test_a_stop_after_the_final_checkpoint_finishes_on_rerun(tmp_path, monkeypatch, caplog):
   config = tiny(num_epochs=3, warmup_epochs=1)
   reference = experiment.train_and_evaluate(config, str(tmp_path / "a"))
   # Killed after the last epoch's checkpoint, before results.json: MetaLabelNet's restored state
@@ -79,8 +80,10 @@ def test_a_stop_after_the_final_checkpoint_finishes_on_rerun(tmp_path, monkeypat
   kill_in(monkeypatch, loop, "_finish",
           lambda: experiment.train_and_evaluate(config, str(tmp_path / "b")))
   assert not (tmp_path / "b" / "results.json").exists()
-  resumed = experiment.train_and_evaluate(config, str(tmp_path / "b"))
+  with caplog.at_level("INFO"):
+    resumed = experiment.train_and_evaluate(config, str(tmp_path / "b"))
   assert without_times(resumed) == without_times(reference)
+  assert "Resumed after the last epoch's checkpoint" in caplog.text
   soft = lambda d: np.load(d / "soft_labels.npz")["soft_label"]
   np.testing.assert_array_equal(soft(tmp_path / "a"), soft(tmp_path / "b"))
   # A damaged results.json is written again from the final checkpoint.
@@ -155,13 +158,17 @@ def test_damaged_json_files_are_named_with_the_fix(tmp_path):
     experiment.run(cross_entropy(), str(tmp_path))
 
 
-def test_labels_changed_between_kill_and_resume_stop_the_run(tmp_path, monkeypatch):
+def test_labels_changed_between_kill_and_resume_stop_the_run(tmp_path, monkeypatch, caplog):
   clean = data_lib.load_digits_dataset(300, 0).train_labels
   labels_file = tmp_path / "noisy.npy"
   np.save(labels_file, (clean + (np.arange(len(clean)) % 3 == 0)) % 10)
-  config = cross_entropy(**{"noise.kind": "given", "noise.labels_path": str(labels_file)})
+  config = cross_entropy(**{"noise.kind": "given", "noise.labels_path": str(labels_file),
+                            "log_every_steps": 20})
   workdir = tmp_path / "run"
-  tiny_config.run_killed(monkeypatch, lambda: experiment.run(config, str(workdir)), epoch=1)
+  with caplog.at_level("INFO"):
+    tiny_config.run_killed(monkeypatch, lambda: experiment.run(config, str(workdir)), epoch=1)
+  # CPU epochs run step by step: a progress line every log_every_steps.
+  assert re.search(r"\] step 20/46 +\d+ img/s, epoch ETA \d+ s", caplog.text)
   np.save(labels_file, clean)  # the same path, other labels
   with pytest.raises(ValueError, match="data of .* changed since its checkpoint: given training "
                                        "labels differ"):
@@ -273,6 +280,10 @@ def test_cli_user_errors_print_one_line_and_exit_2(tmp_path):
   assert completed.returncode == 2
   assert "error: config.mln.learning_rate=0" in completed.stderr
   assert "Traceback" not in completed.stderr
+  assert "cuInit" not in completed.stderr and "libtpu" not in completed.stderr  # start-up noise
+  unknown = _cli("--print_config", "--config.optim.nesterov=True")  # refused by the flag parser
+  assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+  assert "error: a --config override cannot be applied" in unknown.stderr
   shown = _cli(f"--workdir={tmp_path}", "--config.mln.learning_rate=0", "--verbosity=1")
   assert shown.returncode != 0 and "Traceback" in shown.stderr
 

@@ -512,3 +512,40 @@ def test_pretrained_resnet_weights_start_the_streamed_run(tmp_path, clothing_roo
         tiny_streamed("clothing1m", clothing_root, **tiny_resnet,
                       **{"model.pretrained": str(tmp_path / "missing.npz")}),
         str(tmp_path / "missing"))
+
+
+def test_a_corrupt_test_image_stops_the_run_before_training(tmp_path):
+  fake_layouts.image_folder(tmp_path / "mine")
+  (tmp_path / "mine/test/dog/001.jpg").write_bytes(b"\xff\xd8\xff truncated")
+  config = tiny_streamed("image_folder", tmp_path / "mine")
+  with pytest.raises(ValueError, match="Could not read or decode .*test/dog/001.jpg"):
+    experiment.run(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained, no epoch lost
+
+
+def test_verify_files_checks_every_training_file(tmp_path, monkeypatch):
+  fake_layouts.image_folder(tmp_path / "mine")
+  (tmp_path / "mine/train/dog/004.jpg").unlink()
+  monkeypatch.setattr(file_lists, "_NUM_CHECKED", 0)  # the sampled check misses it
+  listed = tmp_path / "mine/list.txt"
+  listed.write_text("".join(f"train/{c}/{i:03d}.jpg {n}\n" for n, c in enumerate(("cat", "dog"))
+                            for i in range(1, 12)))
+  config = tiny_streamed("image_folder", tmp_path / "mine", **{"data.train_list": "list.txt",
+                                                              "data.verify_files": True})
+  with pytest.raises(FileNotFoundError, match="1 of the 22 files in the training list do not "
+                                              "exist, e.g. .*dog/004.jpg"):
+    streamed.StreamedSource(config).load()
+
+
+def test_train_list_paths_may_hold_spaces_and_empty_classes_warn(tmp_path, caplog):
+  fake_layouts.image_folder(tmp_path / "mine")
+  os.rename(tmp_path / "mine/train/cat/000.jpg", tmp_path / "mine/train/cat/my cat 0.jpg")
+  (tmp_path / "mine/list.txt").write_text("train/cat/my cat 0.jpg 0\ntrain/dog/000.jpg 1\n")
+  listed = file_lists.image_folder(tmp_path / "mine", train_list="list.txt")
+  assert listed.train.files[0].endswith("train/cat/my cat 0.jpg")
+  assert list(listed.train.labels) == [0, 1]
+  for image in (tmp_path / "mine/test/fish").iterdir():
+    image.unlink()
+  with caplog.at_level("WARNING"):
+    file_lists.image_folder(tmp_path / "mine")
+  assert "class 'fish' has none" in caplog.text
