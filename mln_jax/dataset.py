@@ -68,9 +68,11 @@ def digest_of(*arrays: np.ndarray) -> str:
 
 
 def _contents(split: Any) -> np.ndarray:
-  # The images in memory (uint8) or the files a streamed split reads.
+  # The images in memory (uint8) or the files a streamed split reads (their paths' bytes).
   files = getattr(split, "files", None)
-  return split.images if files is None else np.asarray(files, dtype=np.str_)
+  if files is None:
+    return split.images
+  return np.frombuffer("\n".join(map(str, files)).encode(), np.uint8)
 
 
 def fingerprint(dataset: Dataset) -> dict[str, str]:

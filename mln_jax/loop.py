@@ -136,7 +136,9 @@ class _StopRequest:
 @contextlib.contextmanager
 def _stop_on_signals() -> Iterator[_StopRequest]:
   stop = _StopRequest()
-  if threading.current_thread() is not threading.main_thread():  # only it may set handlers
+  # Only the main thread may set handlers. With several processes a signal reaches each at its own
+  # step, and a stop must be agreed on: there orbax's preemption notice (synchronised) stops runs.
+  if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
     yield stop
     return
   previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -364,10 +366,13 @@ def _restore(checkpoints: ocp.CheckpointManager, template: TrainState, workdir: 
       continue
     if damaged:
       aside = os.path.join(workdir, "damaged_checkpoints")
-      os.makedirs(aside, exist_ok=True)
-      for bad_step, _ in damaged:
-        shutil.move(os.path.join(str(checkpoints.directory), str(bad_step)),
-                    os.path.join(aside, f"{bad_step}.{int(time.time())}"))
+      if jax.process_index() == 0:
+        os.makedirs(aside, exist_ok=True)
+        for bad_step, _ in damaged:
+          shutil.move(os.path.join(str(checkpoints.directory), str(bad_step)),
+                      os.path.join(aside, f"{bad_step}.{int(time.time())}"))
+      if jax.process_count() > 1:  # every process sees them gone before it saves again
+        ocp.multihost.sync_global_processes("mln_jax_damaged_checkpoints_moved")
       checkpoints.reload()
       logging.warning("Resuming from the intact checkpoint of step %d; the damaged ones are in %s "
                       "(delete them when you like).", step, aside)
