@@ -62,13 +62,14 @@ def test_two_processes_train_like_one(tmp_path):
       if key in record:
         assert record_0[key] == record_1[key]
         assert record_0[key] == pytest.approx(record[key], rel=1e-5, abs=1e-6), key
-  # One writer: the results, soft labels, the report and the summary exist once, from process 0.
+  # One writer: the results, soft labels, the report, the summary and the workdir lock exist once,
+  # from process 0.
   written = sorted(str(p.relative_to(tmp_path / "two")) for p in (tmp_path / "two").rglob("*")
                    if p.is_file() and "checkpoints" not in p.parts)
   summaries = [name for name in written if name.startswith("events.out.tfevents")]
   assert len(summaries) == 1  # TensorBoard, from process 0
   assert sorted(set(written) - set(summaries)) == [
-      "comparison.json", "config.json", "figures/accuracy.png", "figures/confusion.png",
+      ".lock", "comparison.json", "config.json", "figures/accuracy.png", "figures/confusion.png",
       "figures/label_issues.png", "label_issues.csv", "labels.npz", "results.json",
       "soft_labels.npz", "summary.md"]
   assert not list((tmp_path / "two").rglob("*.tmp"))
