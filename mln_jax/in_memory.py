@@ -68,7 +68,7 @@ def prepare_data(config: ml_collections.ConfigDict,
            "meta": len(meta_labels)}
   if teacher:  # trained on every device, on half the training set
     sizes["clean-model teacher fold (half the training set)"] = len(clean) // 2
-  check_batch_size(config, sizes, make_mesh().size if teacher else 1)
+  check_batch_size(config, sizes, jax.device_count() if teacher else 1)
   probabilities = None
   if config.noise.kind == "feature_dependent":
     probabilities = noise_probabilities(config, image_dataset, cache_dir)

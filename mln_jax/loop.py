@@ -340,14 +340,18 @@ def _restore(checkpoints: ocp.CheckpointManager, template: TrainState, workdir: 
   restores: the run goes on from there, to the same result.
   """
   damaged: list[tuple[int, str]] = []
+
+  def note_damage(step: int, error: Exception) -> None:
+    damaged.append((step, f"{type(error).__name__}: {str(error)[:300]}"))
+    logging.warning("The checkpoint of step %d in %s does not restore (%s); trying an older one.",
+                    step, checkpoints.directory, damaged[-1][1])
+
   for step in sorted(checkpoints.all_steps(), reverse=True):
     try:
       saved = checkpoints.restore(step, args=ocp.args.Composite(
           progress=ocp.args.JsonRestore())).progress
     except Exception as e:  # noqa: BLE001 (orbax and tensorstore raise many kinds)
-      damaged.append((step, f"{type(e).__name__}: {str(e)[:300]}"))
-      logging.warning("The checkpoint of step %d in %s does not restore (%s); trying an older one.",
-                      step, checkpoints.directory, damaged[-1][1])
+      note_damage(step, e)
       continue
     if not isinstance(saved, dict) or "global_step" not in saved:
       raise ValueError(f"{workdir} holds a checkpoint of an older mln_jax (before its one training "
@@ -360,9 +364,7 @@ def _restore(checkpoints: ocp.CheckpointManager, template: TrainState, workdir: 
       restored = checkpoints.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(template), progress=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001
-      damaged.append((step, f"{type(e).__name__}: {str(e)[:300]}"))
-      logging.warning("The checkpoint of step %d in %s does not restore (%s); trying an older one.",
-                      step, checkpoints.directory, damaged[-1][1])
+      note_damage(step, e)
       continue
     if damaged:
       aside = os.path.join(workdir, "damaged_checkpoints")

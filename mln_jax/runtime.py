@@ -44,7 +44,7 @@ class WorkdirBusy(RuntimeError):
   """Another process trains in the workdir."""
 
 
-_held_locks: dict[str, list[int]] = {}  # lock file -> [file descriptor, holds in this process]
+_held_locks: set[str] = set()  # the lock files this process holds
 
 
 @contextlib.contextmanager
@@ -57,12 +57,8 @@ def workdir_lock(workdir: str) -> Iterator[None]:
   are allowed.
   """
   path = os.path.abspath(os.path.join(workdir, LOCK_FILE))
-  if path in _held_locks:
-    _held_locks[path][1] += 1
-    try:
-      yield
-    finally:
-      _held_locks[path][1] -= 1
+  if path in _held_locks:  # the outer hold releases it
+    yield
     return
   os.makedirs(workdir, exist_ok=True)
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -76,11 +72,11 @@ def workdir_lock(workdir: str) -> Iterator[None]:
                       "--workdir.") from None
   os.ftruncate(fd, 0)
   os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-  _held_locks[path] = [fd, 1]
+  _held_locks.add(path)
   try:
     yield
   finally:
-    del _held_locks[path]
+    _held_locks.discard(path)
     os.close(fd)  # releases the lock; the file stays (removing it would race a new holder)
 
 
