@@ -4,9 +4,9 @@ memory, and (with the CIFAR-10 pack) end-to-end epoch times including evaluation
   python -m mln_jax.bench --out=/tmp/bench.json [--data_dir=../shared/data/cifar10]
   python -m mln_jax.bench --streamed_config=configs/clothing1m.py --out=/tmp/clothing1m.json
 
-With `--streamed_config` (Clothing1M, WebVision), the warm-up and meta steps of that config's model,
-image size, classes and batch size are timed on synthetic uint8 batches already on the device (the
-input pipeline is not part of the figure), as the streamed loop calls them.
+With `--streamed_config` (Clothing1M, WebVision, Food-101N), the warm-up and meta steps of that
+config's model, image size, classes and batch size are timed on synthetic uint8 batches already on
+the device (the input pipeline is not part of the figure), as the streamed loop calls them.
 
 Every phase step of every registered method (`mln_jax.methods`) is timed, each step once.
 Throughput is measured on whole epochs of the training loop (`in_memory.make_train_epoch`) over
@@ -58,9 +58,9 @@ flags.DEFINE_integer("concurrent_runs", 8, "Also measure this many runs in one p
 flags.DEFINE_bool("vs_torch", False, "Instead: time mln_jax's warm-up and meta steps against the "
                   "PyTorch oracle's in this process (mln_jax.bench_vs_torch; needs torch).")
 config_flags.DEFINE_config_file(
-    "streamed_config", None, "A streamed dataset's config (configs/clothing1m.py, webvision.py): "
-    "time its steps on synthetic inputs of its shapes instead of CIFAR-10's (--batch_sizes, if "
-    "given, replaces its batch size).", lock_config=True)
+    "streamed_config", None, "A streamed dataset's config (configs/clothing1m.py, webvision.py, "
+    "food101n.py): time its steps on synthetic inputs of its shapes instead of CIFAR-10's "
+    "(--batch_sizes, if given, replaces its batch size).", lock_config=True)
 
 
 def _peak_memory_bytes() -> int | None:
@@ -163,8 +163,9 @@ def _cases(config: ml_collections.ConfigDict, meta_gradients: Sequence[str],
 
 
 def _streamed_num_classes(config: ml_collections.ConfigDict) -> int:
-  if config.data.name == "clothing1m":
-    return file_lists.CLOTHING1M_CLASSES
+  fixed = {"clothing1m": file_lists.CLOTHING1M_CLASSES, "food101n": file_lists.FOOD101_CLASSES}
+  if config.data.name in fixed:
+    return fixed[config.data.name]
   if config.data.num_classes <= 0:
     raise ValueError(f"Set --streamed_config.data.num_classes for {config.data.name}.")
   return config.data.num_classes

@@ -12,11 +12,14 @@ from typing import Any
 
 import ml_collections
 
-from mln_jax.noise import NOISE_KINDS
+from mln_jax.data import SOURCES
+from mln_jax.human_labels import HUMAN_LABELS
+from mln_jax.noise import FLIP_GROUPS, NOISE_KINDS
 
-IN_MEMORY_DATASETS = ("cifar10", "digits")
+IN_MEMORY_DATASETS = ("cifar10", "cifar100", "digits")
 # Too large for device memory: streamed from disk by tf.data (mln_jax.streamed).
-STREAMED_DATASETS = ("clothing1m", "webvision", "image_folder")
+STREAMED_DATASETS = ("clothing1m", "webvision", "food101n", "image_folder")
+FOOD101N_SPLITS = ("literature", "authors")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -31,16 +34,21 @@ def default_config() -> ml_collections.ConfigDict:
   # Independent runs with seeds seed, seed + 1, ... trained together in one vmapped program (each
   # with its own split, noise, initialisation and data order); results per run in workdir/run_<i>.
   config.num_runs = 1
-  # The dataset's folder (cifar10: the pack or the python folder; streamed datasets: the root of the
-  # authors' layout). One setting with two names: --config.data_dir and --config.data.data_dir set
+  # The dataset's folder (cifar10: the pack or the python folder; cifar100: cifar-100-python; tfds:
+  # the tfds data folder, TFDS's default where empty; streamed datasets: the root of the authors'
+  # layout). One setting with two names: --config.data_dir and --config.data.data_dir set
   # the same value (code reads data.data_dir).
   config.data_dir = ml_collections.FieldReference("", field_type=str)
 
   config.data = ml_collections.ConfigDict()
-  # In memory: 'cifar10' | 'digits'. Streamed from disk: 'clothing1m' | 'webvision' |
-  # 'image_folder'.
+  # In memory: 'cifar10' | 'cifar100' | 'digits'. Streamed from disk: 'clothing1m' | 'webvision' |
+  # 'food101n' | 'image_folder'.
   config.data.name = "cifar10"
-  config.data.source = "pack"            # cifar10: 'pack' (the JPEG .npz pack) | 'python'
+  # cifar10: 'pack' (the JPEG .npz pack) | 'python' | 'tfds'; cifar100: 'python' | 'tfds'. tfds
+  # is restored to the python release's order (the pack's, the student probabilities', CIFAR-N's).
+  config.data.source = "pack"
+  # tfds: prepare a dataset that is not there yet (it downloads); False stops with the command.
+  config.data.download = False
   config.data.data_dir = config.get_ref("data_dir")
   # Meta-data size. cifar10, digits, webvision: drawn from the held-out pool, the rest is test;
   # clothing1m, image_folder: a subset of the clean meta set (0: all of it).
@@ -57,6 +65,11 @@ def default_config() -> ml_collections.ConfigDict:
   config.data.num_classes = 0            # webvision: the first num_classes classes (paper: 50)
   config.data.imagenet_val_dir = ""      # webvision: ILSVRC12 val images in <synset>/ folders
   config.data.train_list = ""            # image_folder: `path label` lines instead of train/
+  # food101n: 'literature' (train on Food-101N's noisy images, meta from its verified-correct
+  # training images, test on Food-101's test set) | 'authors' (the MetaLabelNet code's: test on
+  # Food-101N's verified-correct validation images; no Food-101 needed).
+  config.data.food101n_split = "literature"
+  config.data.food101_dir = ""           # food101n: food-101/ (default: <data_dir>/food-101)
   # Streamed datasets: decode the meta set once and keep it in device memory as uint8 (Clothing1M's
   # 14k at 224²: 2.1 GB per device), so that phase 2 decodes only training images; False streams
   # it from disk like the training images (the same batches either way).
@@ -74,8 +87,16 @@ def default_config() -> ml_collections.ConfigDict:
   # training order.
   config.noise.probabilities = "student"
   config.noise.teacher_epochs = 10       # epochs of each 'clean_model' fold
-  # given: a .npy / .npz[:key] / .txt file of N labels in training order.
+  # given: a .npy / .npz[:key] / .txt file of N labels in training order. human: the CIFAR-N file
+  # (CIFAR-10_human.pt / CIFAR-100_human.pt, or an .npz / .npy export of it); '' with
+  # data.source=tfds reads tfds's cifar10_n / cifar100_n.
   config.noise.labels_path = ""
+  # human: which annotators' labels. CIFAR-10N: 'aggre' (9.0% noise), 'random1' | 'random2' |
+  # 'random3' (17-18%), 'worse' (40.2%); CIFAR-100N: 'noisy' (about 40%).
+  config.noise.human_label = "worse"
+  # class_dependent on CIFAR-100: each class flips to the next class of its 'superclasses' group
+  # or of its 'index_blocks' group (classes 5k..5k+4, as the literature's code does).
+  config.noise.flip_groups = "superclasses"
 
   config.model = ml_collections.ConfigDict()
   # 'cifar_cnn' | 'conv_bn' | 'mlp' | 'resnet50' | 'resnet' (any depth) | 'inception_resnet_v2'
@@ -332,6 +353,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check_ranges(config)
   _require(config.noise.kind in NOISE_KINDS,
            f"config.noise.kind={config.noise.kind!r}: choose one of {NOISE_KINDS}.")
+  _require(config.noise.human_label in HUMAN_LABELS,
+           f"config.noise.human_label={config.noise.human_label!r}: choose one of "
+           f"{tuple(HUMAN_LABELS)} (CIFAR-10N: aggre, worse, random1..3; CIFAR-100N: noisy).")
+  _require(config.noise.flip_groups in FLIP_GROUPS,
+           f"config.noise.flip_groups={config.noise.flip_groups!r}: choose one of {FLIP_GROUPS}.")
+  _require(config.data.food101n_split in FOOD101N_SPLITS,
+           f"config.data.food101n_split={config.data.food101n_split!r}: choose one of "
+           f"{FOOD101N_SPLITS}.")
+  if config.data.name in SOURCES:
+    _require(config.data.source in SOURCES[config.data.name],
+             f"config.data.source={config.data.source!r}: {config.data.name} reads from one of "
+             f"{SOURCES[config.data.name]}.")
+  _require(config.noise.kind != "human" or bool(config.noise.labels_path)
+           or (config.data.name in SOURCES and config.data.source == "tfds"),
+           "config.noise.kind='human' needs the annotators' labels: set "
+           "--config.noise.labels_path to CIFAR-10_human.pt / CIFAR-100_human.pt (or an .npz/.npy "
+           "export), or use --config.data.source=tfds (tfds's cifar10_n / cifar100_n).")
   _require(0.0 <= config.noise.rate <= 1.0,
            f"config.noise.rate={config.noise.rate}: a noise rate lies in [0, 1].")
   _require(_is_int(config.num_runs) and config.num_runs >= 1,

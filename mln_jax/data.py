@@ -1,4 +1,5 @@
-"""Host-side dataset loading: CIFAR-10 (JPEG pack or python release) and scikit-learn digits.
+"""Host-side dataset loading: CIFAR-10 (JPEG pack, python release or tfds), CIFAR-100 (python
+release or tfds) and scikit-learn digits.
 
 Everything here is plain numpy: images stay uint8 NHWC in host memory and labels are int32. The
 held-out pool of a dataset is what the meta (clean) set and the test set are later drawn from by
@@ -29,8 +30,11 @@ CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_BATCH = "test_batch"
 CIFAR10_META_FILE = "batches.meta"
 
-DATASET_NAMES = ("cifar10", "digits")
-CIFAR10_SOURCES = ("pack", "python")
+CIFAR100_FILES = ("train", "test", "meta")
+
+DATASET_NAMES = ("cifar10", "cifar100", "digits")
+# Where each CIFAR can be read from ('tfds': tensorflow-datasets, in the python release's order).
+SOURCES = {"cifar10": ("pack", "python", "tfds"), "cifar100": ("python", "tfds")}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: `==` on array fields is ambiguous.
@@ -45,6 +49,8 @@ class ImageDataset:
     heldout_labels: (M,) int32 labels of the held-out pool.
     num_classes: number of classes C; labels lie in [0, C).
     class_names: the C class names, indexed by label.
+    superclass_of: (C,) int array, class c's superclass (CIFAR-100's 20 coarse classes); None
+      where a dataset has none.
   """
   name: str
   train_images: np.ndarray
@@ -53,6 +59,7 @@ class ImageDataset:
   heldout_labels: np.ndarray
   num_classes: int
   class_names: tuple[str, ...]
+  superclass_of: np.ndarray | None = None
 
   def __post_init__(self):
     # Every loader funnels through here, so a malformed source fails at load time rather than
@@ -73,6 +80,24 @@ class ImageDataset:
     if self.train_images.shape[1:] != self.heldout_images.shape[1:]:
       raise ValueError(f"{self.name}: train images {self.train_images.shape[1:]} and held-out "
                        f"images {self.heldout_images.shape[1:]} differ in shape")
+    if self.superclass_of is not None and np.shape(self.superclass_of) != (self.num_classes,):
+      raise ValueError(f"{self.name}: superclass_of must hold one superclass per class "
+                       f"({self.num_classes}), got shape {np.shape(self.superclass_of)}")
+
+
+def superclasses_from_labels(fine: np.ndarray, coarse: np.ndarray, num_classes: int,
+                             where: str) -> np.ndarray:
+  """Class c's superclass, from every sample's fine and coarse label (each class must have one)."""
+  superclass_of = np.full(num_classes, -1, np.int64)
+  for c in range(num_classes):
+    groups = np.unique(coarse[fine == c])
+    if not len(groups):
+      raise ValueError(f"{where}: class {c} has no training samples")
+    if len(groups) != 1:
+      raise ValueError(f"{where}: class {c} has {len(groups)} coarse labels {groups[:5].tolist()} "
+                       "(each fine class belongs to one superclass)")
+    superclass_of[c] = groups[0]
+  return superclass_of
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,24 +274,29 @@ def _read_pickle(file: pathlib.Path) -> Any:
       raise ValueError(f"{file} is not a readable pickle: {e}") from e
 
 
-def _read_cifar10_batch(file: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
-  """Reads one batch file into (N, 32, 32, 3) uint8 images and (N,) int32 labels."""
+def _read_cifar_batch(file: pathlib.Path, label_keys: tuple[bytes, ...] = (b"labels",),
+                      what: str = "CIFAR-10 batch") -> tuple[np.ndarray, ...]:
+  """Reads one batch file into (N, 32, 32, 3) uint8 images and (N,) int32 labels per key."""
   batch = _read_pickle(file)
-  if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-    raise ValueError(f"{file} is not a CIFAR-10 batch: expected a dict with keys b'data' and "
-                     f"b'labels'")
+  keys = (b"data",) + label_keys
+  if not isinstance(batch, dict) or any(key not in batch for key in keys):
+    raise ValueError(f"{file} is not a {what}: expected a dict with keys "
+                     f"{', '.join(map(repr, keys))}")
   data = np.asarray(batch[b"data"])
-  labels = np.asarray(batch[b"labels"])
   height, width, channels = CIFAR10_IMAGE_SHAPE
   row_size = height * width * channels
   if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != row_size:
     raise ValueError(f"{file}: b'data' must be uint8 of shape (N, {row_size}), got {data.dtype} "
                      f"{data.shape}")
-  if labels.shape != (data.shape[0],):
-    raise ValueError(f"{file}: {labels.size} labels for {data.shape[0]} images")
+  labels = []
+  for key in label_keys:
+    values = np.asarray(batch[key])
+    if values.shape != (data.shape[0],):
+      raise ValueError(f"{file}: {values.size} {key!r} for {data.shape[0]} images")
+    labels.append(values.astype(np.int32))
   # Each row holds the red plane, then green, then blue (each 32x32 row-major): CHW -> HWC.
   images = data.reshape(-1, channels, height, width).transpose(0, 2, 3, 1)
-  return np.ascontiguousarray(images), labels.astype(np.int32)
+  return (np.ascontiguousarray(images), *labels)
 
 
 def load_cifar10_python(path: str | os.PathLike[str]) -> ImageDataset:
@@ -301,8 +331,8 @@ def load_cifar10_python(path: str | os.PathLike[str]) -> ImageDataset:
                      f"{len(CIFAR10_CLASS_NAMES)} names")
   class_names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
 
-  train = [_read_cifar10_batch(folder / name) for name in CIFAR10_TRAIN_BATCHES]
-  test_images, test_labels = _read_cifar10_batch(folder / CIFAR10_TEST_BATCH)
+  train = [_read_cifar_batch(folder / name) for name in CIFAR10_TRAIN_BATCHES]
+  test_images, test_labels = _read_cifar_batch(folder / CIFAR10_TEST_BATCH)
   return ImageDataset(
       name="cifar10",
       train_images=np.concatenate([images for images, _ in train]),
@@ -311,6 +341,78 @@ def load_cifar10_python(path: str | os.PathLike[str]) -> ImageDataset:
       heldout_labels=test_labels,
       num_classes=len(class_names),
       class_names=class_names)
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-100, python-version release.
+
+
+def load_cifar100_python(path: str | os.PathLike[str]) -> ImageDataset:
+  """Loads CIFAR-100 from the python-version release folder `cifar-100-python`.
+
+  Training data are `train` in file order (the order CIFAR-100N's labels follow), the held-out
+  pool `test`; labels are the 100 fine classes, and each class's superclass (20 coarse classes)
+  comes from the files' `coarse_labels`.
+
+  Args:
+    path: the `cifar-100-python` folder (files `train`, `test`, `meta`).
+
+  Returns:
+    The dataset.
+
+  Raises:
+    FileNotFoundError: if the folder or one of its files is missing.
+    ValueError: if a file does not have the release's layout.
+  """
+  folder = pathlib.Path(path).expanduser()
+  contents = (f'the folder must contain {", ".join(CIFAR100_FILES)} (CIFAR-100 python version, '
+              "cifar-100-python)")
+  if not folder.is_dir():
+    raise FileNotFoundError(f"CIFAR-100 folder {folder} does not exist; {contents}")
+  for name in CIFAR100_FILES:
+    if not (folder / name).is_file():
+      raise FileNotFoundError(f"{folder / name} not found; {contents}")
+  meta = _read_pickle(folder / "meta")
+  names = meta.get(b"fine_label_names") if isinstance(meta, dict) else None
+  if names is None or len(names) != 100:
+    raise ValueError(f"{folder / 'meta'}: expected a dict whose b'fine_label_names' lists 100 "
+                     "names")
+  class_names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+  keys = (b"fine_labels", b"coarse_labels")
+  train_images, train_labels, train_coarse = _read_cifar_batch(folder / "train", keys,
+                                                               "CIFAR-100 file")
+  test_images, test_labels, _ = _read_cifar_batch(folder / "test", keys, "CIFAR-100 file")
+  return ImageDataset(
+      name="cifar100", train_images=train_images, train_labels=train_labels,
+      heldout_images=test_images, heldout_labels=test_labels, num_classes=100,
+      class_names=class_names,
+      superclass_of=superclasses_from_labels(train_labels, train_coarse, 100,
+                                             str(folder / "train")))
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-10 and CIFAR-100 from tensorflow-datasets.
+
+
+def load_cifar_tfds(name: str, data_dir: str = "", download: bool = False) -> ImageDataset:
+  """CIFAR-10 or CIFAR-100 from tfds (`data_dir`: TFDS's default where empty), in the python
+  release's order, training and test sets alike (`mln_jax.tfds_data`), so that a seed makes the
+  same split and the same noise as from the python release. Without `download`, a dataset that is
+  not prepared stops with the command that prepares it."""
+  from mln_jax import tfds_data  # pylint: disable=g-import-not-at-top (TensorFlow)
+  arrays = tfds_data.read_cifar(name, data_dir, download)
+  num_classes = 10 if name == "cifar10" else 100
+  # tfds's CIFAR-10 names are batches.meta.txt's, the same as ours.
+  names = CIFAR10_CLASS_NAMES if name == "cifar10" else arrays["class_names"]
+  train_labels = arrays["train_labels"].astype(np.int32)
+  coarse = arrays["train_coarse_labels"]
+  return ImageDataset(
+      name=name, train_images=arrays["train_images"].astype(np.uint8), train_labels=train_labels,
+      heldout_images=arrays["test_images"].astype(np.uint8),
+      heldout_labels=arrays["test_labels"].astype(np.int32), num_classes=num_classes,
+      class_names=tuple(names),
+      superclass_of=None if coarse is None else superclasses_from_labels(
+          train_labels, coarse, num_classes, f"tfds {name} train"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,8 +495,9 @@ def load_dataset(data_config: Any) -> ImageDataset:
   """Loads the dataset a data config names.
 
   Args:
-    data_config: an ml_collections-like object with `name` ('cifar10' | 'digits'); for cifar10
-      also `source` ('pack' | 'python') and `data_dir`; for digits `num_heldout` and `split_seed`.
+    data_config: an ml_collections-like object with `name` ('cifar10' | 'cifar100' | 'digits');
+      for the CIFARs also `source` (SOURCES), `data_dir` and, for tfds, `download`; for digits
+      `num_heldout` and `split_seed`.
 
   Returns:
     The dataset.
@@ -402,13 +505,18 @@ def load_dataset(data_config: Any) -> ImageDataset:
   name = _choice(data_config.name, DATASET_NAMES, "dataset name")
   if name == "digits":
     return load_digits_dataset(num_heldout=data_config.num_heldout, seed=data_config.split_seed)
-  source = _choice(data_config.source, CIFAR10_SOURCES, "cifar10 source")
+  source = _choice(data_config.source, SOURCES[name], f"{name} source")
   data_dir = getattr(data_config, "data_dir", None)
+  if source == "tfds":
+    return load_cifar_tfds(name, data_dir or "", bool(getattr(data_config, "download", False)))
   if not data_dir:
-    what = (f"the folder that contains {CIFAR10_PACK_FILE}" if source == "pack" else
-            "the cifar-10-batches-py folder")
-    raise FileNotFoundError(f"no data_dir set for cifar10 (source {source!r}); pass "
-                            f"--config.data_dir=... ({what})")
+    what = {"pack": f"the folder that contains {CIFAR10_PACK_FILE}",
+            "python": "the cifar-10-batches-py folder" if name == "cifar10"
+                      else "the cifar-100-python folder"}[source]
+    raise FileNotFoundError(f"no data_dir set for {name} (source {source!r}); pass "
+                            f"--config.data_dir=... ({what}), or --config.data.source=tfds")
   if source == "pack":
     return load_cifar10_pack(data_dir)
+  if name == "cifar100":
+    return load_cifar100_python(data_dir)
   return load_cifar10_python(data_dir)

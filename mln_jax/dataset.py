@@ -87,14 +87,33 @@ def fingerprint(dataset: Dataset) -> dict[str, str]:
   return prints
 
 
-def noise_summary(kind: str, rate: float | None, given: np.ndarray, clean: np.ndarray
-                  ) -> dict[str, Any]:
-  """`Dataset.noise`: the share of wrong labels among the labelled samples whose truth is known."""
+# The keys of `Dataset.noise` that `noise_summary` measures (the others describe the noise).
+MEASURED_NOISE_KEYS = ("realised_rate", "measured_on", "transition_counts", "transition_matrix")
+
+
+def noise_summary(kind: str, rate: float | None, given: np.ndarray, clean: np.ndarray,
+                  num_classes: int, about: dict[str, Any] | None = None) -> dict[str, Any]:
+  """`Dataset.noise`: `kind`, `rate`, what `about` says of the noise (e.g. which human labels),
+  and, over the labelled samples whose truth is known, the share of wrong labels and the realised
+  transition matrix: `transition_counts[i][j]` samples of clean class i carry label j, and
+  `transition_matrix` is each row divided by its sum, P(given = j | clean = i)."""
   known = (clean >= 0) & (given >= 0)
-  return {"kind": kind, "rate": rate,
-          "realised_rate": (noise_lib.realised_noise_rate(clean[known], given[known])
-                            if known.any() else None),
-          "measured_on": int(known.sum())}
+  summary = {"kind": kind, "rate": rate, **(about or {}),
+             "realised_rate": (noise_lib.realised_noise_rate(clean[known], given[known])
+                               if known.any() else None),
+             "measured_on": int(known.sum())}
+  if known.any():
+    counts = noise_lib.transition_counts(clean, given, num_classes)
+    rows = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    summary.update(transition_counts=counts.tolist(),
+                   transition_matrix=np.round(rows, 6).tolist())
+  return summary
+
+
+def describe_noise(noise: dict[str, Any]) -> str:
+  """`Dataset.noise` in one line, without its matrices."""
+  return ", ".join(f"{key} {value}" for key, value in noise.items()
+                   if key not in ("transition_counts", "transition_matrix"))
 
 
 def choose_unlabelled(num_train: int, num_unlabelled: int, seed: int) -> np.ndarray:

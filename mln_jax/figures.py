@@ -14,6 +14,7 @@ Of one run (`mln_jax.report`, into its workdir's figures/):
 - `run_soft_labels`: per epoch, agreement of argmax soft labels with the given (and the clean)
   labels and the share that changed;
 - `label_confusion`: given vs corrected label, and beside it the realised noise transition matrix;
+- `noise_transition`: the realised noise transition matrix alone (from results.json's counts);
 - `image_gallery`: images with a caption above each.
 """
 
@@ -221,6 +222,20 @@ def label_confusion(given: np.ndarray, corrected: np.ndarray, clean: np.ndarray 
   path.parent.mkdir(parents=True, exist_ok=True)
   figure.savefig(path, dpi=120, bbox_inches="tight")
   return path
+
+
+def noise_transition(counts: np.ndarray, class_names: Sequence[str], path: pathlib.Path,
+                     title: str) -> pathlib.Path:
+  """The realised noise transition matrix P(given = j | clean = i) from its (C, C) counts, as the
+  right panel of `label_confusion` draws it."""
+  counts = np.asarray(counts)
+  size = min(4 + 0.25 * len(counts), 12)
+  figure, axis = _subplots(figsize=(size + 1, size * 0.8))
+  image = _matrix(axis, counts, class_names, "given label", "clean label",
+                  "noise transition P(given | clean)")
+  figure.colorbar(image, ax=axis, shrink=0.8, label="share of the row")
+  figure.suptitle(title)
+  return _save(figure, path)
 
 
 def _tile(image: np.ndarray, size: int) -> np.ndarray:

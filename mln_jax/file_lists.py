@@ -14,6 +14,10 @@ Layouts (SPEC, "On-disk formats"):
   resized release), `info/synsets.txt`; optionally
   the ILSVRC12 validation images sorted into one folder per synset
   (`<imagenet_val_dir>/n01440764/…`).
+- Food-101N: `Food-101N_release/` (`images/<class>/<file>.jpg`, `meta/classes.txt`,
+  `meta/imagelist.tsv`, `meta/verified_train.tsv`, `meta/verified_val.tsv`, each with a header
+  line) beside Food-101's `food-101/` (`images/<class>/<name>.jpg`, `meta/classes.txt`,
+  `meta/train.txt`, `meta/test.txt`: `<class>/<name>` lines without the extension).
 - image_folder (bring your own): `train/<class>/…` or a `train_list` file (`path <label>`, paths
   relative to the root, label −1 for an unlabelled image), and clean `meta/<class>/…` and
   `test/<class>/…`.
@@ -33,6 +37,12 @@ from mln_jax import dataset as dataset_lib
 from mln_jax.dataset import Dataset
 
 CLOTHING1M_CLASSES = 14
+FOOD101_CLASSES = 101
+FOOD101N_DIR = "Food-101N_release"
+FOOD101_DIR = "food-101"
+_FOOD101N_FILES = ("meta/classes.txt", "meta/imagelist.tsv", "meta/verified_train.tsv",
+                   "meta/verified_val.tsv")
+_FOOD101_FILES = ("meta/classes.txt", "meta/test.txt")
 _CLOTHING1M_FILES = ("noisy_label_kv.txt", "clean_label_kv.txt", "noisy_train_key_list.txt",
                      "clean_val_key_list.txt", "clean_test_key_list.txt")
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -60,13 +70,15 @@ class ImageList:
 
 def _dataset(name: str, num_classes: int, class_names: tuple[str, ...], train: ImageList,
              meta: ImageList, tests: dict[str, ImageList],
-             clean_train_labels: np.ndarray | None = None) -> Dataset:
+             clean_train_labels: np.ndarray | None = None,
+             about_noise: dict[str, Any] | None = None) -> Dataset:
   """A layout's lists as a `Dataset`: the datasets' own labels are the (really) noisy ones, whose
   rate is known only where a training image also has a clean label (Clothing1M's ~37k)."""
   clean = (np.full(len(train), -1, np.int32) if clean_train_labels is None
            else clean_train_labels)
   return Dataset(name, num_classes, class_names, train, meta, tests, clean,
-                 dataset_lib.noise_summary("real", None, train.labels, clean))
+                 dataset_lib.noise_summary("real", None, train.labels, clean, num_classes,
+                                           about_noise))
 
 
 def _layout_error(path: pathlib.Path, dataset: str, expected: str) -> FileNotFoundError:
@@ -287,6 +299,152 @@ def image_folder(data_dir: str | os.PathLike[str], train_list: str = "") -> Data
                   {"test": _class_folders(root / "test", classes)})
 
 
+def _header_lines(path: pathlib.Path, header: str) -> list[str]:
+  """The non-empty lines of a Food-101(N) list file, its header line (starting with `header`)
+  dropped."""
+  lines = _read_keys(path)
+  return lines[1:] if lines and lines[0].startswith(header) else lines
+
+
+def _food_classes(path: pathlib.Path) -> list[str]:
+  classes = _header_lines(path, "class_name")
+  if not classes:
+    raise ValueError(f"{path} lists no classes (one class name a line).")
+  if len(set(classes)) != len(classes):
+    raise ValueError(f"{path} lists a class twice.")
+  return classes
+
+
+def _food_labels(keys: list[str], classes: dict[str, int], where: pathlib.Path) -> np.ndarray:
+  """Each `<class>/<file>` key's label, the index of its folder's class."""
+  labels = np.empty(len(keys), np.int32)
+  for i, key in enumerate(keys):
+    label = classes.get(key.split("/", 1)[0], -1) if "/" in key else -1
+    if label < 0:
+      raise ValueError(f"{where}: {key!r} is not '<class>/<file>' with a class of "
+                       f"meta/classes.txt.")
+    labels[i] = label
+  return labels
+
+
+def _verifications(path: pathlib.Path) -> dict[str, int]:
+  """`<class>/<file>.jpg <0|1>` lines (1: the class label was verified correct)."""
+  verified = {}
+  for number, line in enumerate(_header_lines(path, "class_name"), 2):
+    parts = line.split()
+    if len(parts) != 2 or parts[1] not in ("0", "1"):
+      raise ValueError(f"{path}, line {number}: expected '<class>/<file> <0 or 1>', got "
+                       f"{line!r}.")
+    verified[parts[0]] = int(parts[1])
+  return verified
+
+
+def food101n(data_dir: str | os.PathLike[str], split: str = "literature", num_meta: int = 0,
+             seed: int = 0, food101_dir: str | os.PathLike[str] = "") -> Dataset:
+  """Food-101N (Lee et al., CleanNet): 310k web images of Food-101's 101 classes, labelled by their
+  search query; about 20% of the labels are wrong. Verification files say for 52,868 training and
+  4,741 validation images whether the label is right.
+
+  split='literature': train on the noisy images (all of `imagelist.tsv` but the meta images), meta
+  images drawn from those verified correct in `verified_train.tsv`, test on Food-101's 25,250 test
+  images (`food-101/meta/test.txt`). split='authors' (the MetaLabelNet code, `get_bigdata_lists`):
+  the same meta images, the validation images verified correct as the test set, and every other
+  image of `imagelist.tsv` (those verified wrong too) for training; Food-101 is not needed.
+
+  Args:
+    data_dir: the folder holding `Food-101N_release/` (and `food-101/`, unless `food101_dir`).
+    split: 'literature' | 'authors'.
+    num_meta: meta images drawn by `seed` from the verified-correct training images (0: all);
+      the others stay in the training set.
+    seed: seed of that draw.
+    food101_dir: Food-101's folder (default `<data_dir>/food-101`).
+
+  Returns:
+    The dataset. The training labels' realised noise is unknown image by image; `noise.verified`
+    gives the share verified wrong among the training images that were checked.
+  """
+  root = pathlib.Path(data_dir)
+  release = root / FOOD101N_DIR
+  for name in _FOOD101N_FILES:
+    if not (release / name).is_file():
+      raise _layout_error(release / name, "Food-101N",
+                          f"{FOOD101N_DIR}/ with images/<class>/ and "
+                          f"{', '.join(_FOOD101N_FILES)} in {root}")
+  class_list = _food_classes(release / "meta/classes.txt")
+  classes = {name: label for label, name in enumerate(class_list)}
+  keys = _header_lines(release / "meta/imagelist.tsv", "class_name")
+  labels = _food_labels(keys, classes, release / "meta/imagelist.tsv")
+  in_list = set(keys)
+  verified = {}
+  for name in ("verified_train", "verified_val"):
+    path = release / "meta" / f"{name}.tsv"
+    checked = _verifications(path)
+    # The real verified_train.tsv names one image under another class than imagelist.tsv does.
+    stray = [k for k in checked if k not in in_list]
+    if stray:
+      logging.warning("%s: %d of its %d images are not in imagelist.tsv (e.g. %s); left out.",
+                      path, len(stray), len(checked), stray[0])
+    verified[name] = {k: v for k, v in checked.items() if k in in_list}
+  correct = sorted(k for k, v in verified["verified_train"].items() if v == 1)
+  if not correct:
+    raise ValueError(f"{release / 'meta/verified_train.tsv'} verifies no image as correct: the "
+                     "meta set would be empty.")
+  if num_meta > len(correct):
+    raise ValueError(f"config.data.num_meta={num_meta} exceeds the {len(correct)} verified-correct "
+                     f"training images of Food-101N.")
+  if num_meta:
+    chosen = np.random.default_rng(seed).permutation(len(correct))[:num_meta]
+    correct = [correct[i] for i in np.sort(chosen)]
+  meta_keys = set(correct)
+  test_keys = (set() if split == "literature" else
+               {k for k, v in verified["verified_val"].items() if v == 1})
+  train_index = np.asarray([i for i, k in enumerate(keys)
+                            if k not in meta_keys and k not in test_keys], np.int64)
+  train_keys = [keys[i] for i in train_index]
+  images = release / "images"
+  train = ImageList(_absolute(images, train_keys), labels[train_index])
+  meta = ImageList(_absolute(images, correct), _food_labels(correct, classes, release))
+  _check_images_exist(train.files, str(release / "meta/imagelist.tsv"))
+  _check_images_exist(meta.files, str(release / "meta/verified_train.tsv"))
+  if split == "literature":
+    tests = {"test": _food101_test(pathlib.Path(food101_dir) if food101_dir
+                                   else root / FOOD101_DIR, class_list)}
+  else:
+    ordered = sorted(test_keys)
+    tests = {"test": ImageList(_absolute(images, ordered),
+                               _food_labels(ordered, classes, release))}
+    _check_images_exist(tests["test"].files, str(release / "meta/verified_val.tsv"))
+  # Verified training images: a known share of wrong labels, though not which class is right.
+  checked = [verified[name][k] for name in verified for k in train_keys if k in verified[name]]
+  about = {"verified": {"checked": len(checked), "wrong": checked.count(0),
+                        "wrong_rate": checked.count(0) / len(checked) if checked else None}}
+  return _dataset("food101n", len(class_list), tuple(class_list), train, meta, tests,
+                  about_noise=about)
+
+
+def _food101_test(folder: pathlib.Path, classes: list[str]) -> ImageList:
+  """Food-101's test images (`meta/test.txt`), labelled by Food-101N's class list."""
+  for name in _FOOD101_FILES:
+    if not (folder / name).is_file():
+      raise _layout_error(folder / name, "Food-101",
+                          f"images/<class>/ and {', '.join(_FOOD101_FILES)} in {folder} (the test "
+                          "set of data.food101n_split=literature; set --config.data.food101_dir, "
+                          "or use --config.data.food101n_split=authors)")
+  food101_classes = _food_classes(folder / "meta/classes.txt")
+  if food101_classes != classes:
+    first = next(i for i, (a, b) in enumerate(zip(food101_classes + [""], classes + [""]))
+                 if a != b)
+    raise ValueError(f"{folder / 'meta/classes.txt'} and Food-101N's meta/classes.txt list "
+                     f"different classes ({len(food101_classes)} and {len(classes)}; line "
+                     f"{first + 1} differs): the test labels would name other classes.")
+  keys = _read_keys(folder / "meta/test.txt")
+  result = ImageList(_absolute(folder / "images", [f"{k}.jpg" for k in keys]),
+                     _food_labels(keys, {n: i for i, n in enumerate(classes)},
+                                  folder / "meta/test.txt"))
+  _check_images_exist(result.files, str(folder / "meta/test.txt"))
+  return result
+
+
 def load(data_config: Any, seed: int) -> Dataset:
   """The streamed dataset `data_config.name` names, with `num_meta` and `num_unlabelled` applied.
 
@@ -302,12 +460,16 @@ def load(data_config: Any, seed: int) -> Dataset:
   elif data_config.name == "webvision":
     dataset = webvision(data_config.data_dir, data_config.num_classes, data_config.num_meta, seed,
                         data_config.imagenet_val_dir)
+  elif data_config.name == "food101n":
+    dataset = food101n(data_config.data_dir, data_config.food101n_split, data_config.num_meta,
+                       seed, data_config.food101_dir)
   elif data_config.name == "image_folder":
     dataset = image_folder(data_config.data_dir, data_config.train_list)
   else:
     raise ValueError(f"{data_config.name!r} is not a streamed dataset.")
   meta = dataset.meta
-  if data_config.num_meta and dataset.name != "webvision":  # webvision splits its own
+  # webvision and food101n draw their own (their unused clean images go elsewhere).
+  if data_config.num_meta and dataset.name not in ("webvision", "food101n"):
     if data_config.num_meta > len(meta):
       raise ValueError(f"config.data.num_meta={data_config.num_meta} exceeds the {len(meta)} meta "
                        f"images of {dataset.name}.")
@@ -315,5 +477,7 @@ def load(data_config: Any, seed: int) -> Dataset:
                                [:data_config.num_meta]))
   train = ImageList(dataset.train.files, dataset_lib.drop_labels(
       dataset.train.labels, data_config.num_unlabelled, seed))
+  about = {k: v for k, v in dataset.noise.items()
+           if k not in dataset_lib.MEASURED_NOISE_KEYS + ("kind", "rate")}
   return dataclasses.replace(dataset, train=train, meta=meta, noise=dataset_lib.noise_summary(
-      "real", None, train.labels, dataset.clean_train_labels))
+      "real", None, train.labels, dataset.clean_train_labels, dataset.num_classes, about))

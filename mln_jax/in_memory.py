@@ -23,7 +23,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mln_jax import augment, data as data_lib, dataset as dataset_lib, noise as noise_lib, steps
+from mln_jax import augment, data as data_lib, dataset as dataset_lib, human_labels
+from mln_jax import noise as noise_lib, steps
 from mln_jax.dataset import Dataset, Split
 from mln_jax.loop import Chunk
 from mln_jax.methods import Method, Phase
@@ -69,12 +70,23 @@ def prepare_data(config: ml_collections.ConfigDict,
   if teacher:  # trained on every device, on half the training set
     sizes["clean-model teacher fold (half the training set)"] = len(clean) // 2
   check_batch_size(config, sizes, jax.device_count() if teacher else 1)
-  probabilities = None
-  if config.noise.kind == "feature_dependent":
-    probabilities = noise_probabilities(config, image_dataset, cache_dir)
-  noisy = noise_lib.make_noisy_labels(
-      clean, kind=config.noise.kind, rate=config.noise.rate, num_classes=image_dataset.num_classes,
-      seed=config.seed, probs=probabilities, path=config.noise.labels_path or None)
+  about = {}
+  if config.noise.kind == "human":
+    noisy = human_labels.load(
+        config.noise.human_label, config.noise.labels_path, clean, image_dataset.num_classes,
+        (image_dataset.name, config.data.data_dir, config.data.download)
+        if config.data.source == "tfds" else None)
+    about = {"human_label": config.noise.human_label,
+             "labels_from": config.noise.labels_path or
+             f"tfds {human_labels.TFDS_BUILDERS.get(image_dataset.name)}"}
+  else:
+    probabilities = None
+    if config.noise.kind == "feature_dependent":
+      probabilities = noise_probabilities(config, image_dataset, cache_dir)
+    noisy = noise_lib.make_noisy_labels(
+        clean, kind=config.noise.kind, rate=config.noise.rate,
+        num_classes=image_dataset.num_classes, seed=config.seed, probs=probabilities,
+        path=config.noise.labels_path or None, pairs=class_flips(config, image_dataset))
   noisy = dataset_lib.drop_labels(noisy, config.data.num_unlabelled, config.seed)
   rate = config.noise.rate if config.noise.kind in noise_lib.RATED_KINDS else None
   return Dataset(
@@ -84,7 +96,19 @@ def prepare_data(config: ml_collections.ConfigDict,
       meta=Split(meta_images, meta_labels.astype(np.int32)),
       tests={"test": Split(test_images, test_labels.astype(np.int32))},
       clean_train_labels=clean,
-      noise=dataset_lib.noise_summary(config.noise.kind, rate, noisy, clean))
+      noise=dataset_lib.noise_summary(config.noise.kind, rate, noisy, clean,
+                                      image_dataset.num_classes, about))
+
+
+def class_flips(config: ml_collections.ConfigDict, image_dataset: data_lib.ImageDataset
+                ) -> dict[int, int] | None:
+  """The pair flips of class-dependent noise: within CIFAR-100's groups (config.noise.flip_groups),
+  else None (CIFAR-10's pairs)."""
+  if image_dataset.superclass_of is None:
+    return None
+  groups = (image_dataset.superclass_of if config.noise.flip_groups == "superclasses"
+            else noise_lib.index_block_groups(image_dataset.num_classes))
+  return noise_lib.next_in_group_flips(groups)
 
 
 def prepare_runs(configs: list[ml_collections.ConfigDict], cache_dir: str | None = None

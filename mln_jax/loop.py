@@ -179,7 +179,7 @@ def _train_and_evaluate(configs: list[ml_collections.ConfigDict], workdir: str, 
     logging.info("%s in %s: %d training samples (%d labelled), %d meta, %s; %d classes; noise %s",
                  dataset.name, run_dir, len(dataset.train), len(dataset.labelled_indices),
                  len(dataset.meta), ", ".join(f"{len(v)} {k}" for k, v in dataset.tests.items()),
-                 dataset.num_classes, dataset.noise)
+                 dataset.num_classes, dataset_lib.describe_noise(dataset.noise))
     if lead:
       np.savez(os.path.join(run_dir, "labels.npz"), noisy=dataset.train.labels,
                clean=dataset.clean_train_labels, **source.export_extras(index))

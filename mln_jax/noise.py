@@ -12,13 +12,18 @@ import zipfile
 
 import numpy as np
 
-NOISE_KINDS = ("none", "uniform", "feature_dependent", "class_dependent", "given")
+NOISE_KINDS = ("none", "uniform", "feature_dependent", "class_dependent", "given", "human")
 # The kinds that noise.rate sets (for 'none' and 'given' only the realised rate means anything).
 RATED_KINDS = ("uniform", "feature_dependent", "class_dependent")
 
 # Source class -> noisy class of the reference's class-dependent noise: bird->airplane, cat->dog,
 # deer->horse, dog->cat, truck->automobile.
 CIFAR10_PAIR_FLIPS = {2: 0, 3: 5, 4: 7, 5: 3, 9: 1}
+# CIFAR-100's class-dependent noise flips each class to the next one of its group: 'superclasses'
+# (the dataset's 20 coarse classes of 5) or 'index_blocks' (classes 5k..5k+4, which is what the
+# literature's code builds: Patrini et al.'s `build_for_cifar100`, reused by many papers; the
+# alphabetical fine labels make these blocks other groups than the superclasses).
+FLIP_GROUPS = ("superclasses", "index_blocks")
 
 _TEXT_SUFFIXES = (".txt", ".csv")
 # The pack's README bounds the error of its probability recovery by 1e-7, so a recovered value below
@@ -156,6 +161,32 @@ def class_dependent_noise(
   return noisy
 
 
+def next_in_group_flips(group_of: np.ndarray) -> dict[int, int]:
+  """Pair flips that send each class to the next class of its group (by class index, the last one
+  back to the first); `group_of[c]` is class c's group. Groups of one class flip nowhere."""
+  group_of = np.asarray(group_of)
+  pairs = {}
+  for group in np.unique(group_of):
+    members = np.flatnonzero(group_of == group)
+    if members.size > 1:
+      pairs.update({int(c): int(n) for c, n in zip(members, np.roll(members, -1))})
+  return pairs
+
+
+def index_block_groups(num_classes: int, block: int = 5) -> np.ndarray:
+  """Class c's group is c // block: the literature's CIFAR-100 'superclasses'."""
+  return np.arange(num_classes) // block
+
+
+def transition_counts(clean: np.ndarray, given: np.ndarray, num_classes: int) -> np.ndarray:
+  """(C, C) int64 counts of (clean label i, given label j) over the samples where both are known
+  (>= 0): row i / its sum is P(given = j | clean = i), the realised noise transition matrix."""
+  clean, given = np.asarray(clean), np.asarray(given)
+  known = (clean >= 0) & (given >= 0)
+  return np.bincount(clean[known].astype(np.int64) * num_classes + given[known],
+                     minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
 def _read_label_file(path: str | os.PathLike) -> np.ndarray:
   """The raw array in a `.npy`, `.npz` (`file.npz` or `file.npz:key`) or `.txt`/`.csv` file."""
   file, key = str(path), None
@@ -283,11 +314,15 @@ def make_noisy_labels(
     seed: int,
     probs: np.ndarray | None = None,
     path: str | os.PathLike | None = None,
+    pairs: Mapping[int, int] | None = None,
 ) -> np.ndarray:
-  """Training labels with noise of `kind` (one of NOISE_KINDS) applied to `clean_labels`.
+  """Training labels with noise of `kind` (one of NOISE_KINDS but 'human') applied to
+  `clean_labels`.
 
-  `probs` (N, C) is needed for 'feature_dependent' and `path` for 'given' (see load_noisy_labels).
-  `rate` must lie in [0, 1] for every kind, though 'none' and 'given' do not use it.
+  `probs` (N, C) is needed for 'feature_dependent' and `path` for 'given' (see load_noisy_labels);
+  `pairs` are 'class_dependent''s flips (default: CIFAR10_PAIR_FLIPS). `rate` must lie in [0, 1]
+  for every kind, though 'none' and 'given' do not use it. Human labels are read, not made
+  (`mln_jax.human_labels`).
   """
   if kind not in NOISE_KINDS:
     raise ValueError(f'unknown noise kind {kind!r}; valid kinds are {", ".join(NOISE_KINDS)}')
@@ -306,7 +341,11 @@ def make_noisy_labels(
       raise ValueError(f"probs must have shape {expected}, got {np.shape(probs)}")
     return feature_dependent_noise(clean, probs, rate, seed)
   if kind == "class_dependent":
-    return class_dependent_noise(clean, rate, seed, num_classes=num_classes)
+    return class_dependent_noise(clean, rate, seed, pairs=CIFAR10_PAIR_FLIPS if pairs is None
+                                 else pairs, num_classes=num_classes)
+  if kind == "human":
+    raise ValueError("noise kind 'human' reads annotators' labels: mln_jax.human_labels.load, "
+                     "not make_noisy_labels.")
   if path is None:
     raise ValueError("noise kind 'given' needs the path of a noisy-label file: set "
                      "--config.noise.labels_path.")

@@ -234,7 +234,9 @@ def _summary(results: dict[str, Any], issues: LabelIssues | None, files: dict[st
       f"# {results['method']} on {results['dataset']}", "",
       f"- data: {results['num_train']} training images ({results['num_labelled']} labelled), "
       f"{results['num_meta']} meta, {results['num_classes']} classes; seed {results['seed']}",
-      f"- noise: {noise['kind']}{rate}; realised noise {realised}",
+      f"- noise: {noise['kind']}{rate}"
+      + (f" ({noise['human_label']} labels from {noise.get('labels_from')})"
+         if noise.get("human_label") else "") + f"; realised noise {realised}",
       f"- test accuracy at the best meta epoch ({best['epoch']}): "
       f"{_percent(best['test_accuracy'])} (meta {_percent(best['meta_accuracy'])}); at the "
       f"last epoch ({last['epoch']}): {_percent(last['test_accuracy'])}",
@@ -251,6 +253,7 @@ def _summary(results: dict[str, Any], issues: LabelIssues | None, files: dict[st
                   f"{_percent(found['argmax_recall'])}" if "argmax_flagged" in found else ""))
   lines += ["", "## Figures", ""]
   for key, caption in (("accuracy", "Accuracy per epoch"),
+                       ("noise", "Realised noise transition matrix"),
                        ("soft_labels", "Soft labels per epoch"),
                        ("confusion", "Given vs corrected labels")):
     if key in files:
@@ -309,7 +312,14 @@ def write_run_report(run_dir: str | os.PathLike[str], results: dict[str, Any] | 
                      [str(i) for i in range(results["num_classes"])])
   figure_dir = run_dir / FIGURES_DIR
   files = {"accuracy": figures.run_accuracy(results, figure_dir / "accuracy.png")}
-  clean_known = results["noise"].get("realised_rate") is not None
+  noise = results["noise"]
+  if noise.get("transition_counts"):
+    files["noise"] = figures.noise_transition(
+        noise["transition_counts"], class_names, figure_dir / "noise_transition.png",
+        f"{results['dataset']}, {noise['kind']} noise"
+        + (f" ({noise['human_label']})" if noise.get("human_label") else "")
+        + f": realised rate {100 * noise['realised_rate']:.2f}%")
+  clean_known = noise.get("realised_rate") is not None
   if any("soft_labels/given_agreement" in r for r in results["history"]):
     files["soft_labels"] = figures.run_soft_labels(results, figure_dir / "soft_labels.png",
                                                    clean_known)

@@ -1,5 +1,5 @@
-"""Datasets streamed from disk (Clothing1M, WebVision, your own image folders): the loop's streamed
-source, its jitted steps and list evaluation.
+"""Datasets streamed from disk (Clothing1M, WebVision, Food-101N, your own image folders): the
+loop's streamed source, its jitted steps and list evaluation.
 
 Batches come from tf.data (`input_pipeline`, imported where files are read, so that the steps and
 the benchmark run where TensorFlow is absent). Steps are jitted with the state donated and the batch
@@ -186,9 +186,9 @@ class StreamedSource:
       state = state_from_config(config, self.image_shape, self.dataset.num_classes, key)
       return load_pretrained(config, state) if fresh and config.model.pretrained else state
 
-    if fresh and not config.model.pretrained and name == "clothing1m":
-      logging.warning("The classifier starts from random weights; the paper's Clothing1M protocol "
-                      "starts from ImageNet weights (--config.model.pretrained=<resnet50 .pth>).")
+    if fresh and not config.model.pretrained and name in ("clothing1m", "food101n"):
+      logging.warning("The classifier starts from random weights; the %s protocol starts from "
+                      "ImageNet weights (--config.model.pretrained=<resnet50 .pth>).", name)
     elif (fresh and not config.model.pretrained and name == "image_folder"
           and config.model.name in ("resnet50", "resnet")):
       logging.warning("The ResNet starts from random weights, but the schedule (lr %g, %d "
