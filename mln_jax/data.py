@@ -292,7 +292,7 @@ def _read_cifar_batch(file: pathlib.Path, label_keys: tuple[bytes, ...] = (b"lab
   for key in label_keys:
     values = np.asarray(batch[key])
     if values.shape != (data.shape[0],):
-      raise ValueError(f"{file}: {values.size} {key!r} for {data.shape[0]} images")
+      raise ValueError(f"{file}: {values.size} {key.decode()} for {data.shape[0]} images")
     labels.append(values.astype(np.int32))
   # Each row holds the red plane, then green, then blue (each 32x32 row-major): CHW -> HWC.
   images = data.reshape(-1, channels, height, width).transpose(0, 2, 3, 1)

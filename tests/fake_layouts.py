@@ -87,3 +87,46 @@ def image_folder(root: pathlib.Path, classes: tuple[str, ...] = ("cat", "dog", "
     for label, name in enumerate(classes):
       for i in range(count):
         write_image(root / split / name / f"{i:03d}.jpg", label, rng)
+
+
+def food101n(root: pathlib.Path, classes: tuple[str, ...] = ("apple_pie", "baby_back_ribs",
+                                                            "beignets"),
+             per_class: int = 12, verified_train: int = 5, verified_val: int = 3,
+             food101_test: int = 4, seed: int = 0) -> dict[str, list[str]]:
+  """Food-101N_release/ and food-101/ as their authors distribute them (header lines, tab-separated
+  verification files, test.txt without extensions). Per class: `per_class` noisy images, the first
+  `verified_train` of them in verified_train.tsv (label 1 for the even ones), the next
+  `verified_val` in verified_val.tsv (1 for the even ones); `food101_test` Food-101 test images.
+  Returns the keys written, by list."""
+  rng = np.random.default_rng(seed)
+  release, food101 = root / "Food-101N_release", root / "food-101"
+  (release / "meta").mkdir(parents=True)
+  (food101 / "meta").mkdir(parents=True)
+  keys = {"imagelist": [], "verified_train": [], "verified_val": [], "test": []}
+  lines = {"verified_train": ["class_name/key\tverification_label"],
+           "verified_val": ["class_name/key\tverification_label"]}
+  for label, name in enumerate(classes):
+    for i in range(per_class):
+      key = f"{name}/{rng.integers(1 << 62):016x}.jpg"
+      # A noisy image: a fifth of them look like another class.
+      looks_like = (label + 1) % len(classes) if i % 5 == 4 else label
+      write_image(release / "images" / key, looks_like, rng)
+      keys["imagelist"].append(key)
+      for split, start, count in (("verified_train", 0, verified_train),
+                                  ("verified_val", verified_train, verified_val)):
+        if start <= i < start + count:
+          lines[split].append(f"{key}\t{1 - i % 2}")
+          keys[split].append(key)
+    for i in range(food101_test):
+      key = f"{name}/{100000 + 17 * i + label}"
+      write_image(food101 / "images" / f"{key}.jpg", label, rng)
+      keys["test"].append(key)
+  (release / "meta/classes.txt").write_text("class_name\n" + "\n".join(classes) + "\n")
+  (release / "meta/imagelist.tsv").write_text("class_name/key\n" + "\n".join(keys["imagelist"])
+                                              + "\n")
+  for split in ("verified_train", "verified_val"):
+    (release / "meta" / f"{split}.tsv").write_text("\n".join(lines[split]) + "\n")
+  (food101 / "meta/classes.txt").write_text("\n".join(classes) + "\n")
+  (food101 / "meta/test.txt").write_text("\n".join(keys["test"]) + "\n")
+  (food101 / "meta/train.txt").write_text("")
+  return keys

@@ -409,10 +409,10 @@ def test_load_dataset_dispatch(pack_dir, tmp_path):
 
 
 def test_load_dataset_errors():
-  with pytest.raises(ValueError, match="mnist.*cifar10, digits"):
+  with pytest.raises(ValueError, match="mnist.*cifar10, cifar100, digits"):
     data.load_dataset(types.SimpleNamespace(name="mnist"))
-  with pytest.raises(ValueError, match="tfds.*pack, python"):
-    data.load_dataset(types.SimpleNamespace(name="cifar10", source="tfds", data_dir="/x"))
+  with pytest.raises(ValueError, match="'hdf5'.*pack, python, tfds"):
+    data.load_dataset(types.SimpleNamespace(name="cifar10", source="hdf5", data_dir="/x"))
   with pytest.raises(FileNotFoundError, match=r"--config\.data_dir="):
     data.load_dataset(types.SimpleNamespace(name="cifar10", source="pack", data_dir=""))
   with pytest.raises(FileNotFoundError, match=r"--config\.data_dir="):
