@@ -78,11 +78,12 @@ def main() -> None:
   common = [f"--config={REPO / 'configs/cifar10n.py'}", f"--config.data_dir={args.data_dir}",
             *CPU_MODEL, f"--config.num_epochs={args.epochs}", "--config.warmup_epochs=1",
             "--config.optim.lr_boundaries=()"]
-  run, run_s = cli(f"--workdir={work / 'run'}", f"--config.noise.labels_path={good}", *common)
+  # --config comes before its overrides.
+  run, run_s = cli(*common, f"--workdir={work / 'run'}", f"--config.noise.labels_path={good}")
   if run.returncode:
     sys.exit(f"the run failed:\n{run.stderr[-3000:]}")
-  refused, refused_s = cli(f"--workdir={work / 'refused'}",
-                           f"--config.noise.labels_path={shuffled}", *common)
+  refused, refused_s = cli(*common, f"--workdir={work / 'refused'}",
+                           f"--config.noise.labels_path={shuffled}")
   results = json.loads((work / "run/results.json").read_text())
   noise = results["noise"]
   counts = np.asarray(noise["transition_counts"])
@@ -104,9 +105,10 @@ def main() -> None:
 - date: {datetime.date.today()}
 - device: {results.get('device', platform.processor() or 'cpu')}, JAX {results.get('jax_version')}
 - commit: {commit}
-- command: `python experiments/human_noise_cli.py --epochs={args.epochs}` ({run_s + refused_s:.0f} s)
-- the runs it makes: `python -m mln_jax.main --workdir=$TMP/run \
---config.noise.labels_path=$TMP/CIFAR-10_human.pt {shown}`, and the same with the shuffled file
+- command: `python experiments/human_noise_cli.py --epochs={args.epochs}` \
+({run_s + refused_s:.0f} s)
+- the runs it makes: `python -m mln_jax.main {shown} --workdir=$TMP/run \
+--config.noise.labels_path=$TMP/CIFAR-10_human.pt`, and the same with the shuffled file
 
 The label file is fabricated (the real one is not available here) exactly in CIFAR-N's format: a
 `torch.save`d dict of numpy int64 arrays, `clean_label` = the pack's 50,000 training labels in the

@@ -170,7 +170,9 @@ def comparison_table(config: ml_collections.ConfigDict, summary: dict[str, Any],
   rates = " ".join("unknown" if r is None else f"{r:.3f}" for r in summary["realised_noise_rate"])
   noise = ("the dataset's own noisy labels" if _is_streamed(config)
            else f"{config.noise.kind} noise {config.noise.rate}"
-           if config.noise.kind in noise_lib.RATED_KINDS else f"{config.noise.kind} noise")
+           if config.noise.kind in noise_lib.RATED_KINDS
+           else f"human noise ({config.noise.human_label})" if config.noise.kind == "human"
+           else f"{config.noise.kind} noise")
   header = f"{config.data.name}, {noise}, seeds {summary['seeds']}, realised noise rates {rates}:"
   return header + "\n" + "\n".join(lines)
 

@@ -185,7 +185,8 @@ def _matrix(axis: Any, counts: np.ndarray, class_names: Sequence[str], xlabel: s
   num_classes = len(counts)
   if num_classes <= 20:
     ticks = np.arange(num_classes)
-    axis.set_xticks(ticks, class_names, rotation=90 if num_classes > 10 else 0, fontsize=7)
+    long_names = num_classes > 10 or max(map(len, class_names), default=0) > 6
+    axis.set_xticks(ticks, class_names, rotation=90 if long_names else 0, fontsize=7)
     axis.set_yticks(ticks, class_names, fontsize=7)
   if num_classes <= 12:
     for i in range(num_classes):

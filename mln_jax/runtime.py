@@ -25,7 +25,8 @@ RESULTS_FILE = "results.json"
 # Settings a resumed run may change: they do not change its numbers (e.g. keeping the meta set in
 # device memory or streaming it gives the same batches, and may be switched when memory runs short;
 # the others change only what a run checks or writes at its end or beside it).
-RESUMABLE_CHANGES = ("data.meta_in_memory", "data.verify_files", "export_soft_labels", "report",
+RESUMABLE_CHANGES = ("data.meta_in_memory", "data.verify_files", "data.download",
+                     "export_soft_labels", "report",
                      "label_issues.gallery_size", "label_issues.cross_fit")
 # Where a workdir's cross-fit lives (mln_jax.cross_fit): its half runs are parts of one score.
 CROSS_FIT_DIR = "cross_fit"

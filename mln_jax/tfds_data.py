@@ -36,7 +36,10 @@ def builder(name: str, data_dir: str, download: bool) -> tfds.core.DatasetBuilde
            if manual else "")
         + ", or rerun with --config.data.download=True; point --config.data.data_dir at the tfds "
         "data folder if it is prepared elsewhere.")
-  dataset.download_and_prepare()
+  try:
+    dataset.download_and_prepare()
+  except AssertionError as e:  # tfds's word for missing manual files
+    raise FileNotFoundError(f"tfds could not prepare {name!r} in {root}: {e}") from None
   return dataset
 
 

@@ -225,3 +225,20 @@ def test_cli_run_on_human_labels_and_the_guard(tmp_path, digits):
   assert (tmp_path / "run" / "figures" / "noise_transition.png").stat().st_size > 1000
   summary = (tmp_path / "run" / "summary.md").read_text()
   assert "human (worse labels from" in summary and "noise_transition.png" in summary
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"noise.kind": "human"}, "needs the annotators' labels.*data.source=tfds"),
+    ({"noise.human_label": "worst"}, r"human_label='worst': choose one of \('aggre'"),
+    ({"noise.flip_groups": "blocks"}, "flip_groups='blocks'"),
+    ({"data.name": "cifar100", "data.source": "pack"}, r"cifar100 reads from one of \('python', "
+     "'tfds'\\)"),
+])
+def test_config_checks_of_the_new_data_and_noise_keys(overrides, message):
+  from mln_jax import config as config_lib
+  config = tiny_config.with_overrides(tiny_config.get_config(), **overrides)
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate_config(config)
+  # tfds's cifar10_n instead of a file is accepted.
+  config_lib.validate_config(tiny_config.with_overrides(tiny_config.get_config(), **{
+      "noise.kind": "human", "data.name": "cifar10", "data.source": "tfds"}))
