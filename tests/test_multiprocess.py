@@ -70,6 +70,6 @@ def test_two_processes_train_like_one(tmp_path):
   assert len(summaries) == 1  # TensorBoard, from process 0
   assert sorted(set(written) - set(summaries)) == [
       ".lock", "comparison.json", "config.json", "figures/accuracy.png", "figures/confusion.png",
-      "figures/label_issues.png", "label_issues.csv", "labels.npz", "results.json",
-      "soft_labels.npz", "summary.md"]
+      "figures/label_issues.png", "figures/noise_transition.png", "label_issues.csv", "labels.npz",
+      "results.json", "soft_labels.npz", "summary.md"]
   assert not list((tmp_path / "two").rglob("*.tmp"))
