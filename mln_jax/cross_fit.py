@@ -45,10 +45,7 @@ def half_dataset(dataset: Dataset, indices: np.ndarray) -> Dataset:
       name=dataset.name, num_classes=dataset.num_classes, class_names=dataset.class_names,
       train=Split(dataset.train.images[indices], given), meta=dataset.meta, tests=dataset.tests,
       clean_train_labels=clean,
-      noise=dataset_lib.noise_summary(
-          dataset.noise["kind"], dataset.noise["rate"], given, clean, dataset.num_classes,
-          {k: v for k, v in dataset.noise.items()
-           if k not in dataset_lib.MEASURED_NOISE_KEYS + ("kind", "rate")}))
+      noise=dataset_lib.remeasured_noise(dataset.noise, given, clean, dataset.num_classes))
 
 
 def can_cross_fit(config: ml_collections.ConfigDict) -> bool:

@@ -274,6 +274,28 @@ def _read_pickle(file: pathlib.Path) -> Any:
       raise ValueError(f"{file} is not a readable pickle: {e}") from e
 
 
+def _release_folder(path: str | os.PathLike[str], required: Sequence[str], dataset: str,
+                    release: str) -> pathlib.Path:
+  """The folder of a CIFAR python release, checked to hold every `required` file."""
+  folder = pathlib.Path(path).expanduser()
+  contents = f'the folder must contain {", ".join(required)} ({release})'
+  if not folder.is_dir():
+    raise FileNotFoundError(f"{dataset} folder {folder} does not exist; {contents}")
+  for name in required:
+    if not (folder / name).is_file():
+      raise FileNotFoundError(f"{folder / name} not found; {contents}")
+  return folder
+
+
+def _label_names(file: pathlib.Path, key: bytes, count: int) -> tuple[str, ...]:
+  """The `count` class names a release's meta pickle lists under `key`."""
+  meta = _read_pickle(file)
+  names = meta.get(key) if isinstance(meta, dict) else None
+  if names is None or len(names) != count:
+    raise ValueError(f"{file}: expected a dict whose {key!r} lists {count} names")
+  return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+
+
 def _read_cifar_batch(file: pathlib.Path, label_keys: tuple[bytes, ...] = (b"labels",),
                       what: str = "CIFAR-10 batch") -> tuple[np.ndarray, ...]:
   """Reads one batch file into (N, 32, 32, 3) uint8 images and (N,) int32 labels per key."""
@@ -315,22 +337,9 @@ def load_cifar10_python(path: str | os.PathLike[str]) -> ImageDataset:
     FileNotFoundError: if the folder or one of its files is missing.
     ValueError: if a file does not have the release's layout.
   """
-  folder = pathlib.Path(path).expanduser()
-  required = CIFAR10_TRAIN_BATCHES + (CIFAR10_TEST_BATCH, CIFAR10_META_FILE)
-  contents = f'the folder must contain {", ".join(required)} (CIFAR-10 python version)'
-  if not folder.is_dir():
-    raise FileNotFoundError(f"CIFAR-10 folder {folder} does not exist; {contents}")
-  for name in required:
-    if not (folder / name).is_file():
-      raise FileNotFoundError(f"{folder / name} not found; {contents}")
-
-  meta = _read_pickle(folder / CIFAR10_META_FILE)
-  names = meta.get(b"label_names") if isinstance(meta, dict) else None
-  if names is None or len(names) != len(CIFAR10_CLASS_NAMES):
-    raise ValueError(f"{folder / CIFAR10_META_FILE}: expected a dict whose b'label_names' lists "
-                     f"{len(CIFAR10_CLASS_NAMES)} names")
-  class_names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
-
+  folder = _release_folder(path, CIFAR10_TRAIN_BATCHES + (CIFAR10_TEST_BATCH, CIFAR10_META_FILE),
+                           "CIFAR-10", "CIFAR-10 python version")
+  class_names = _label_names(folder / CIFAR10_META_FILE, b"label_names", len(CIFAR10_CLASS_NAMES))
   train = [_read_cifar_batch(folder / name) for name in CIFAR10_TRAIN_BATCHES]
   test_images, test_labels = _read_cifar_batch(folder / CIFAR10_TEST_BATCH)
   return ImageDataset(
@@ -364,20 +373,9 @@ def load_cifar100_python(path: str | os.PathLike[str]) -> ImageDataset:
     FileNotFoundError: if the folder or one of its files is missing.
     ValueError: if a file does not have the release's layout.
   """
-  folder = pathlib.Path(path).expanduser()
-  contents = (f'the folder must contain {", ".join(CIFAR100_FILES)} (CIFAR-100 python version, '
-              "cifar-100-python)")
-  if not folder.is_dir():
-    raise FileNotFoundError(f"CIFAR-100 folder {folder} does not exist; {contents}")
-  for name in CIFAR100_FILES:
-    if not (folder / name).is_file():
-      raise FileNotFoundError(f"{folder / name} not found; {contents}")
-  meta = _read_pickle(folder / "meta")
-  names = meta.get(b"fine_label_names") if isinstance(meta, dict) else None
-  if names is None or len(names) != 100:
-    raise ValueError(f"{folder / 'meta'}: expected a dict whose b'fine_label_names' lists 100 "
-                     "names")
-  class_names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+  folder = _release_folder(path, CIFAR100_FILES, "CIFAR-100",
+                           "CIFAR-100 python version, cifar-100-python")
+  class_names = _label_names(folder / "meta", b"fine_label_names", 100)
   keys = (b"fine_labels", b"coarse_labels")
   train_images, train_labels, train_coarse = _read_cifar_batch(folder / "train", keys,
                                                                "CIFAR-100 file")

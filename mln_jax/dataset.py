@@ -110,6 +110,14 @@ def noise_summary(kind: str, rate: float | None, given: np.ndarray, clean: np.nd
   return summary
 
 
+def remeasured_noise(noise: dict[str, Any], given: np.ndarray, clean: np.ndarray,
+                     num_classes: int) -> dict[str, Any]:
+  """`noise` (a `Dataset.noise`) measured again on other labels (a subset, some dropped), with what
+  it says of the noise kept."""
+  about = {k: v for k, v in noise.items() if k not in MEASURED_NOISE_KEYS + ("kind", "rate")}
+  return noise_summary(noise["kind"], noise["rate"], given, clean, num_classes, about)
+
+
 def describe_noise(noise: dict[str, Any]) -> str:
   """`Dataset.noise` in one line, without its matrices."""
   return ", ".join(f"{key} {value}" for key, value in noise.items()

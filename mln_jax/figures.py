@@ -27,6 +27,8 @@ import numpy as np
 # Figures drawn without pyplot: importing mln_jax leaves a user's backend (a notebook's) alone.
 from matplotlib.figure import Figure
 
+from mln_jax import noise as noise_lib
+
 Results = dict[str, Any]
 
 
@@ -203,9 +205,7 @@ def label_confusion(given: np.ndarray, corrected: np.ndarray, clean: np.ndarray 
   where `clean` labels are known, beside it the realised noise transition matrix
   P(given = j | clean = i)."""
   num_classes = len(class_names)
-  pairs = lambda rows, columns: np.bincount(rows * num_classes + columns,
-                                            minlength=num_classes ** 2).reshape(
-                                                num_classes, num_classes)
+  pairs = lambda rows, columns: noise_lib.transition_counts(rows, columns, num_classes)
   labelled = given >= 0
   panels = [(pairs(given[labelled], corrected[labelled]), "corrected label", "given label",
              "given → corrected")]

@@ -299,15 +299,14 @@ def image_folder(data_dir: str | os.PathLike[str], train_list: str = "") -> Data
                   {"test": _class_folders(root / "test", classes)})
 
 
-def _header_lines(path: pathlib.Path, header: str) -> list[str]:
-  """The non-empty lines of a Food-101(N) list file, its header line (starting with `header`)
-  dropped."""
+def _header_lines(path: pathlib.Path) -> list[str]:
+  """The non-empty lines of a Food-101(N) list file, its header line (`class_name…`) dropped."""
   lines = _read_keys(path)
-  return lines[1:] if lines and lines[0].startswith(header) else lines
+  return lines[1:] if lines and lines[0].startswith("class_name") else lines
 
 
 def _food_classes(path: pathlib.Path) -> list[str]:
-  classes = _header_lines(path, "class_name")
+  classes = _header_lines(path)
   if not classes:
     raise ValueError(f"{path} lists no classes (one class name a line).")
   if len(set(classes)) != len(classes):
@@ -330,7 +329,7 @@ def _food_labels(keys: list[str], classes: dict[str, int], where: pathlib.Path) 
 def _verifications(path: pathlib.Path) -> dict[str, int]:
   """`<class>/<file>.jpg <0|1>` lines (1: the class label was verified correct)."""
   verified = {}
-  for number, line in enumerate(_header_lines(path, "class_name"), 2):
+  for number, line in enumerate(_header_lines(path), 2):
     parts = line.split()
     if len(parts) != 2 or parts[1] not in ("0", "1"):
       raise ValueError(f"{path}, line {number}: expected '<class>/<file> <0 or 1>', got "
@@ -372,7 +371,7 @@ def food101n(data_dir: str | os.PathLike[str], split: str = "literature", num_me
                           f"{', '.join(_FOOD101N_FILES)} in {root}")
   class_list = _food_classes(release / "meta/classes.txt")
   classes = {name: label for label, name in enumerate(class_list)}
-  keys = _header_lines(release / "meta/imagelist.tsv", "class_name")
+  keys = _header_lines(release / "meta/imagelist.tsv")
   labels = _food_labels(keys, classes, release / "meta/imagelist.tsv")
   in_list = set(keys)
   verified = {}
@@ -477,7 +476,5 @@ def load(data_config: Any, seed: int) -> Dataset:
                                [:data_config.num_meta]))
   train = ImageList(dataset.train.files, dataset_lib.drop_labels(
       dataset.train.labels, data_config.num_unlabelled, seed))
-  about = {k: v for k, v in dataset.noise.items()
-           if k not in dataset_lib.MEASURED_NOISE_KEYS + ("kind", "rate")}
-  return dataclasses.replace(dataset, train=train, meta=meta, noise=dataset_lib.noise_summary(
-      "real", None, train.labels, dataset.clean_train_labels, dataset.num_classes, about))
+  return dataclasses.replace(dataset, train=train, meta=meta, noise=dataset_lib.remeasured_noise(
+      dataset.noise, train.labels, dataset.clean_train_labels, dataset.num_classes))
